@@ -1,0 +1,1 @@
+"""The Streamlit front end (issue: Streamlit front end). Only calls ``clipdex.retrieval``/``indexer``."""

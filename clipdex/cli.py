@@ -1,0 +1,68 @@
+"""The ``clipdex`` command line: one subcommand per job, each registered by the module that owns it.
+
+``main(argv=None) -> int`` so tests can call it in process as well as in a subprocess. Library code never
+prints; subcommands decide what the user sees (a table by default, JSON with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from clipdex import __version__
+from clipdex.retrieval.exceptions import ClipdexError
+
+EPILOG = """\
+examples:
+  clipdex world generate --out worlds/demo --seed 0       # make the built-in captioned world
+  clipdex train --manifest worlds/demo/manifest.parquet --out runs/mine
+  clipdex eval retrieval --model clipdex-world --manifest worlds/demo/manifest.parquet --split test
+  clipdex eval oracle --manifest worlds/demo/manifest.parquet --split test
+  clipdex models                                           # built-in names and accepted spec forms
+  clipdex demo                                             # the whole thing on the embedded default
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every subcommand registered."""
+    # Imported here, not at module top, so `clipdex --help` stays fast and import has no side effects.
+    from clipdex.data_manifests.world import cli as world_cli
+    from clipdex.retrieval import cli as retrieval_cli
+
+    parser = argparse.ArgumentParser(
+        prog="clipdex",
+        description="Cross-modal retrieval: embed images and captions with a contrastive dual encoder, "
+        "search text->image, image->image and image->text.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"clipdex {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    world_cli.register(sub)
+    retrieval_cli.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI with ``argv`` (defaults to ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ClipdexError as e:
+        print(f"clipdex: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("clipdex: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dataset schemas and manifests: the built-in captioned world and users' own manifests."""

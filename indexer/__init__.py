@@ -1,0 +1,1 @@
+"""The write path: collection -> decoded batches -> embeddings -> store (issue: indexer and search)."""

@@ -1,0 +1,1 @@
+"""Models and the read path: model registry and loading, the dual encoder, training, evaluation."""

@@ -1,0 +1,173 @@
+"""The dual encoder: load any model spec, embed images and texts in batches as L2-normalised float32.
+
+open_clip builds the model, its preprocessing (``image_transform``) and its tokenizer; clipdex adds the
+spec forms, self-describing checkpoints, batching, device choice and clear errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipdex.retrieval import checkpoint as ckpt
+from clipdex.retrieval.device import autocast, resolve_device
+from clipdex.retrieval.exceptions import CheckpointError, ModelSpecError
+from clipdex.retrieval.registry import ensure_registered, register_config
+from clipdex.retrieval.spec import ModelSpec, parse_model_spec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What a store records about the encoder that filled it, so a mismatched query can be refused."""
+
+    spec: str
+    arch: str
+    embed_dim: int
+    image_size: int
+    context_length: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def as_dict(self) -> dict:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """An open_clip model with its transforms and tokenizer, before it is wrapped for inference."""
+
+    model: torch.nn.Module
+    preprocess_train: object
+    preprocess: object
+    tokenizer: object
+    arch: str
+    spec: ModelSpec
+    meta: ckpt.CheckpointMeta | None = None
+
+
+def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> LoadedModel:
+    """Build the model a spec names, with its train/eval transforms and tokenizer, on the CPU in fp32."""
+    import open_clip
+
+    ensure_registered()
+    spec = parse_model_spec(spec) if isinstance(spec, str) else spec
+    meta = None
+    kwargs = {"aug_cfg": aug_cfg} if aug_cfg else {}
+    try:
+        if spec.kind in ("builtin", "checkpoint"):
+            path = _checkpoint_file(spec.path)
+            meta = ckpt.read_meta(path)
+            if meta is None:
+                raise CheckpointError(
+                    f"{path}: not a clipdex checkpoint (no config inside); name its architecture: ARCH:{path}")
+            register_config(meta.arch, meta.model_config)
+            arch = meta.arch
+            model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
+            ckpt.load_into(model, path)
+        elif spec.kind in ("random", "arch_file"):
+            arch = spec.arch
+            model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
+            if spec.kind == "arch_file":
+                ckpt.load_into(model, spec.path)
+        elif spec.kind == "pretrained":
+            arch = spec.arch
+            model, pre_train, pre = open_clip.create_model_and_transforms(arch, pretrained=spec.tag, **kwargs)
+        elif spec.kind == "hf_hub":
+            arch = f"hf-hub:{spec.hub_id}"
+            model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
+        else:  # pragma: no cover - parse_model_spec returns only the kinds above
+            raise ModelSpecError(f"unhandled spec kind {spec.kind}")
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        where = "the model hub" if spec.kind in ("pretrained", "hf_hub") else "disk"
+        raise CheckpointError(
+            f"could not load {spec.text!r} from {where}: {e}. Pretrained weights need internet access the "
+            "first time (then they are cached); offline, use a local checkpoint file instead."
+        ) from e
+    tokenizer = open_clip.get_tokenizer(arch)
+    model.eval()
+    return LoadedModel(model=model, preprocess_train=pre_train, preprocess=pre, tokenizer=tokenizer,
+                       arch=arch, spec=spec, meta=meta)
+
+
+def _checkpoint_file(path: Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "clipdex-world.safetensors"):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"{path}: a folder with no model.safetensors in it")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+class DualEncoder:
+    """Embeds images and texts into one space; every output row is L2-normalised float32."""
+
+    def __init__(self, loaded: LoadedModel, *, device: str = "auto", precision: str = "auto"):
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.loaded = loaded
+        self.model = loaded.model.to(self.device).eval()
+        self.preprocess = loaded.preprocess
+        self.tokenizer = loaded.tokenizer
+        cfg = getattr(self.model.visual, "preprocess_cfg", {}) or {}
+        size = cfg.get("size", getattr(self.model.visual, "image_size", 224))
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        self.info = EncoderInfo(
+            spec=loaded.spec.text,
+            arch=loaded.arch,
+            embed_dim=int(self.model.text_projection.shape[1]) if hasattr(self.model, "text_projection")
+            and isinstance(self.model.text_projection, torch.Tensor) else int(self._probe_dim()),
+            image_size=int(size),
+            context_length=int(getattr(self.model, "context_length", 77)),
+            mean=tuple(float(x) for x in cfg.get("mean", ())),
+            std=tuple(float(x) for x in cfg.get("std", ())),
+        )
+
+    def _probe_dim(self) -> int:
+        with torch.no_grad():
+            return self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1]
+
+    @torch.no_grad()
+    def encode_image_tensors(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Embed a preprocessed batch (B, 3, H, W); returns (B, D) normalised, on the model's device."""
+        with autocast(self.device, self.precision):
+            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return F.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence, *, batch_size: int = 256) -> np.ndarray:
+        """Embed PIL images (preprocessed here with open_clip's eval transform); returns (N, D) float32."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            batch = torch.stack([self.preprocess(im) for im in images[i:i + batch_size]])
+            out.append(self.encode_image_tensors(batch).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.info.embed_dim), np.float32)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 512) -> np.ndarray:
+        """Embed texts with open_clip's tokenizer; returns (N, D) float32, L2-normalised."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+            with autocast(self.device, self.precision):
+                feats = self.model.encode_text(tokens)
+            out.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.info.embed_dim), np.float32)
+
+
+def load_encoder(spec: str | ModelSpec = "clipdex-world", *, device: str = "auto", precision: str = "auto") -> DualEncoder:
+    """Load the model a spec names (see :mod:`clipdex.retrieval.spec`) ready for inference."""
+    return DualEncoder(build_model(spec), device=device, precision=precision)

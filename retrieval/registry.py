@@ -1,0 +1,105 @@
+"""The registry of model architectures, as data: ``retrieval/model_configs/*.json`` (open_clip's format).
+
+Our own configs are registered with open_clip on first use, so ``open_clip.create_model("clipdex-s")``
+builds them like any built-in architecture. ``BUILTIN_MODELS`` names the trained checkpoints that ship
+with clipdex (the embedded default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(str(resources.files("clipdex.retrieval") / "model_configs"))
+WEIGHTS_DIR = Path(str(resources.files("clipdex.retrieval") / "weights"))
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A trained checkpoint that ships with clipdex."""
+
+    name: str
+    arch: str
+    checkpoint: Path
+    description: str
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "clipdex-world": BuiltinModel(
+        name="clipdex-world",
+        arch="clipdex-s",
+        checkpoint=WEIGHTS_DIR / "clipdex-world.safetensors",
+        description="the embedded default: clipdex-s trained on the built-in captioned world "
+        "(knows that world's shapes, colours and landmarks, not real photos)",
+    ),
+}
+DEFAULT_MODEL = "clipdex-world"
+
+_registered = False
+
+
+def ensure_registered() -> None:
+    """Register clipdex's JSON configs with open_clip (idempotent, done lazily, not at import)."""
+    global _registered
+    if _registered:
+        return
+    import open_clip
+
+    open_clip.add_model_config(CONFIG_DIR)
+    _registered = True
+
+
+def list_models() -> list[str]:
+    """Every architecture open_clip can build, clipdex's own included."""
+    ensure_registered()
+    import open_clip
+
+    return list(open_clip.list_models())
+
+
+def list_pretrained() -> list[tuple[str, str]]:
+    """(architecture, pretrained tag) pairs open_clip knows how to download."""
+    import open_clip
+
+    return list(open_clip.list_pretrained())
+
+
+def get_model_config(arch: str) -> dict | None:
+    """The open_clip config dict of a registered architecture, or None."""
+    ensure_registered()
+    import open_clip
+
+    return open_clip.get_model_config(arch)
+
+
+def add_model_config(path: str | Path) -> None:
+    """Register more architectures: a JSON file in open_clip's format, or a folder of them."""
+    ensure_registered()
+    import open_clip
+
+    open_clip.add_model_config(Path(path))
+
+
+def register_config(arch: str, config: dict) -> None:
+    """Register a config carried inside a checkpoint, if its architecture is not known here yet."""
+    ensure_registered()
+    import open_clip
+    from open_clip import factory
+
+    known = open_clip.get_model_config(arch)
+    if known is not None:
+        if known != config:
+            logger.info("checkpoint's config for %s differs from the registry's; using the checkpoint's", arch)
+            factory._MODEL_CONFIGS[arch] = config
+        return
+    factory._MODEL_CONFIGS[arch] = config
+
+
+def read_config_file(path: Path) -> dict:
+    """Read one JSON model config."""
+    return json.loads(Path(path).read_text())

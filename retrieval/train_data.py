@@ -1,0 +1,64 @@
+"""Training batches: an image, one of its captions, and that caption's foils as extra hard negatives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from clipdex.data_manifests.pairs import Pairs
+from clipdex.retrieval.images import open_rgb
+
+
+class CaptionedImages(torch.utils.data.Dataset):
+    """Item ``i``: (image tensor, caption, foil texts). The caption is drawn per (seed, epoch, i)."""
+
+    def __init__(self, pairs: Pairs, transform: Callable, *, seed: int, hard_negatives: bool):
+        keep = [i for i, caps in enumerate(pairs.captions) if caps]
+        self.pairs, self.keep = pairs, keep
+        self.transform, self.seed, self.hard_negatives = transform, seed, hard_negatives
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, k: int):
+        i = self.keep[k]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        caps = self.pairs.captions[i]
+        j = int(rng.integers(len(caps)))
+        foils = []
+        if self.hard_negatives and self.pairs.foils:
+            foils = [f["text"] for f in self.pairs.foils[i] if f["caption_index"] == j]
+        return self.transform(open_rgb(self.pairs.paths[i])), caps[j], foils
+
+
+class Collate:
+    """Stack images and tokenize captions and foils (runs in the loader's workers)."""
+
+    def __init__(self, tokenizer: Callable):
+        self.tokenizer = tokenizer
+
+    def __call__(self, items):
+        images = torch.stack([it[0] for it in items])  # (B, 3, H, W)
+        captions = self.tokenizer([it[1] for it in items])  # (B, L)
+        foil_texts = [f for it in items for f in it[2]]
+        foils = self.tokenizer(foil_texts) if foil_texts else None  # (F, L) or None
+        return images, captions, foils
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Batches of a seeded permutation for one epoch, skipping the first ``skip`` batches (resume)."""
+
+    def __init__(self, n: int, *, batch_size: int, seed: int, epoch: int, skip: int = 0):
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        full = n // batch_size  # drop the ragged last batch: contrastive loss wants full batches
+        self.batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(skip, full)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)

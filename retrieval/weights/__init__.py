@@ -1,0 +1,1 @@
+"""The embedded default checkpoint and its training record live in this folder."""
