@@ -1,8 +1,9 @@
 """Image–caption pairs from any manifest: the built-in world's Parquet, or a user's Parquet, CSV or JSONL.
 
 A manifest needs a ``path`` column (relative paths are resolved against the manifest's folder) and
-captions in either a ``captions`` list column or a ``caption`` string column. Optional: ``id``, ``split``
-and ``foils`` (list of {caption_index, kind, text}: hard-negative captions, as the world writes them).
+captions in either a ``captions`` list column or a ``caption`` string column. Optional: ``id``, ``split``,
+``foils`` (list of {caption_index, kind, text}: hard-negative captions, as the world writes them) and
+``group`` (rows sharing a group, such as the world's relation-swapped twins, are put in one batch).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Pairs:
     paths: list[Path]
     captions: list[list[str]]
     foils: list[list[dict]] = field(default_factory=list)  # per image: [{"caption_index", "kind", "text"}]
+    groups: list[str] = field(default_factory=list)  # rows sharing a group are batched together in training
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -32,7 +34,7 @@ class Pairs:
     def head(self, n: int) -> "Pairs":
         """The first ``n`` images (a deterministic gallery)."""
         return Pairs(self.manifest, self.ids[:n], self.paths[:n], self.captions[:n],
-                     self.foils[:n] if self.foils else [])
+                     self.foils[:n] if self.foils else [], self.groups[:n] if self.groups else [])
 
 
 def read_table(path: str | Path) -> pa.Table:
@@ -88,5 +90,6 @@ def load_pairs(manifest: str | Path, *, split: str | None = None) -> Pairs:
         captions.append([c for c in caps if c])
     ids = [str(r.get("id") or i) for i, r in enumerate(rows)]
     foils = [list(r.get("foils") or []) for r in rows] if "foils" in cols else []
+    groups = [str(r["group"]) for r in rows] if "group" in cols else []
     paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"] for r in rows]
-    return Pairs(manifest=manifest, ids=ids, paths=paths, captions=captions, foils=foils)
+    return Pairs(manifest=manifest, ids=ids, paths=paths, captions=captions, foils=foils, groups=groups)

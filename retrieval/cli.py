@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--no-hard-negatives", action="store_true", help="do not use foils as extra negatives")
+    p.add_argument("--foil-weight", type=float, default=1.0,
+                   help="weight of the focused caption-vs-foil term (0: foils only as extra negatives)")
     p.add_argument("--eval-gallery", type=int, default=1000, help="held-out gallery size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -49,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: cores - 1)")
     p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="fit the run into this much training time (steps set from the measured rate)")
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--json", action="store_true", help="print the final record as JSON")
     p.set_defaults(func=_train)
@@ -116,9 +120,9 @@ def _train(args) -> int:
     cfg = TrainConfig(
         manifest=args.manifest, out_dir=args.out, model=args.model, train_split=args.train_split or None,
         eval_split=args.eval_split or None, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, hard_negatives=not args.no_hard_negatives,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, hard_negatives=not args.no_hard_negatives, foil_weight=args.foil_weight,
         eval_gallery=args.eval_gallery, seed=args.seed, device=args.device, precision=args.precision,
-        workers=args.workers, save_every=args.save_every, max_steps=args.max_steps,
+        workers=args.workers, save_every=args.save_every, max_steps=args.max_steps, time_budget_s=args.time_budget,
         command="clipdex " + shlex.join(sys.argv[1:]) if sys.argv and "clipdex" in sys.argv[0] else "",
     )
     record = train(cfg, resume=not args.no_resume, progress=not args.json)

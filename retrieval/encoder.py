@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from clipdex.retrieval import checkpoint as ckpt
 from clipdex.retrieval.device import autocast, resolve_device
 from clipdex.retrieval.exceptions import CheckpointError, ModelSpecError
-from clipdex.retrieval.registry import ensure_registered, register_config
+from clipdex.retrieval.layout import LAYOUT_KEY, add_layout_head
+from clipdex.retrieval.registry import ensure_registered, get_model_config, register_config
 from clipdex.retrieval.spec import ModelSpec, parse_model_spec
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,13 @@ class LoadedModel:
     meta: ckpt.CheckpointMeta | None = None
 
 
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns 'initialized randomly' before we load our own weights into the model: drop that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
 def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> LoadedModel:
     """Build the model a spec names, with its train/eval transforms and tokenizer, on the CPU in fp32."""
     import open_clip
@@ -62,6 +70,8 @@ def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> Loaded
     spec = parse_model_spec(spec) if isinstance(spec, str) else spec
     meta = None
     kwargs = {"aug_cfg": aug_cfg} if aug_cfg else {}
+    quiet = _QuietRandomInit()
+    logging.getLogger().addFilter(quiet)
     try:
         if spec.kind in ("builtin", "checkpoint"):
             path = _checkpoint_file(spec.path)
@@ -71,11 +81,11 @@ def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> Loaded
                     f"{path}: not a clipdex checkpoint (no config inside); name its architecture: ARCH:{path}")
             register_config(meta.arch, meta.model_config)
             arch = meta.arch
-            model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
+            model, pre_train, pre = _create(arch, kwargs)
             ckpt.load_into(model, path)
         elif spec.kind in ("random", "arch_file"):
             arch = spec.arch
-            model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
+            model, pre_train, pre = _create(arch, kwargs)
             if spec.kind == "arch_file":
                 ckpt.load_into(model, spec.path)
         elif spec.kind == "pretrained":
@@ -98,6 +108,17 @@ def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> Loaded
     model.eval()
     return LoadedModel(model=model, preprocess_train=pre_train, preprocess=pre, tokenizer=tokenizer,
                        arch=arch, spec=spec, meta=meta)
+
+
+def _create(arch: str, kwargs: dict):
+    """open_clip builds the model; clipdex adds its own heads that the config asks for."""
+    import open_clip
+
+    model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
+    grid = (get_model_config(arch) or {}).get(LAYOUT_KEY)
+    if grid:
+        add_layout_head(model, grid=int(grid))
+    return model, pre_train, pre
 
 
 def _checkpoint_file(path: Path) -> Path:

@@ -41,6 +41,15 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
 DEFAULT_MODEL = "clipdex-world"
 
 _registered = False
+_FULL_CONFIGS: dict[str, dict] = {}  # configs as clipdex keeps them, clipdex_* keys included
+
+
+def _register(arch: str, config: dict) -> None:
+    """Keep the full config here and give open_clip the config without clipdex's own keys."""
+    from open_clip import factory
+
+    _FULL_CONFIGS[arch] = config
+    factory._MODEL_CONFIGS[arch] = {k: v for k, v in config.items() if not k.startswith("clipdex_")}
 
 
 def ensure_registered() -> None:
@@ -48,9 +57,8 @@ def ensure_registered() -> None:
     global _registered
     if _registered:
         return
-    import open_clip
-
-    open_clip.add_model_config(CONFIG_DIR)
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        _register(path.stem, read_config_file(path))
     _registered = True
 
 
@@ -70,34 +78,29 @@ def list_pretrained() -> list[tuple[str, str]]:
 
 
 def get_model_config(arch: str) -> dict | None:
-    """The open_clip config dict of a registered architecture, or None."""
+    """The config dict of a registered architecture (clipdex's keys included), or None."""
     ensure_registered()
     import open_clip
 
+    if arch in _FULL_CONFIGS:
+        return dict(_FULL_CONFIGS[arch])
     return open_clip.get_model_config(arch)
 
 
 def add_model_config(path: str | Path) -> None:
     """Register more architectures: a JSON file in open_clip's format, or a folder of them."""
     ensure_registered()
-    import open_clip
-
-    open_clip.add_model_config(Path(path))
+    path = Path(path)
+    for p in sorted(path.glob("*.json")) if path.is_dir() else [path]:
+        _register(p.stem, read_config_file(p))
 
 
 def register_config(arch: str, config: dict) -> None:
     """Register a config carried inside a checkpoint, if its architecture is not known here yet."""
-    ensure_registered()
-    import open_clip
-    from open_clip import factory
-
-    known = open_clip.get_model_config(arch)
-    if known is not None:
-        if known != config:
-            logger.info("checkpoint's config for %s differs from the registry's; using the checkpoint's", arch)
-            factory._MODEL_CONFIGS[arch] = config
-        return
-    factory._MODEL_CONFIGS[arch] = config
+    known = get_model_config(arch)
+    if known is not None and known != config:
+        logger.info("checkpoint's config for %s differs from the registry's; using the checkpoint's", arch)
+    _register(arch, config)
 
 
 def read_config_file(path: Path) -> dict:

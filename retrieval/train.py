@@ -28,7 +28,7 @@ from clipdex.retrieval.evaluate import evaluate_retrieval
 from clipdex.retrieval.exceptions import ClipdexError
 from clipdex.retrieval.images import default_workers
 from clipdex.retrieval.registry import get_model_config
-from clipdex.retrieval.train_data import CaptionedImages, Collate, EpochBatches
+from clipdex.retrieval.train_data import CaptionedImages, Collate, EpochBatches, single_thread_worker
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +48,16 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 200
     hard_negatives: bool = True
+    foil_weight: float = 1.0  # weight of the focused caption-vs-foil term (0 = NegCLIP's extra negatives only)
     eval_gallery: int = 1000
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
     workers: int | None = None
     save_every: int = 500
-    max_steps: int | None = None  # stop early (time-boxed runs, tests)
+    max_steps: int | None = None  # stop early (tests, reproducing a time-boxed run)
+    time_budget_s: float | None = None  # fit the run to this many seconds of training: after 50 timed steps
+    # the total step count (and so the cosine schedule) is set from the measured rate; the record keeps it
     aug_scale: tuple[float, float] = (0.85, 1.0)  # RandomResizedCrop scale range
     command: str = ""  # the command line, recorded in the checkpoint
 
@@ -77,13 +80,23 @@ def lr_at(step: int, *, base: float, warmup: int, total: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * progress))
 
 
-def contrastive_loss(img: torch.Tensor, cap: torch.Tensor, foil: torch.Tensor | None, scale: torch.Tensor):
-    """Symmetric InfoNCE; ``foil`` rows (F, D) are extra negatives for image->text. Inputs are normalised."""
+def contrastive_loss(img: torch.Tensor, cap: torch.Tensor, foil: torch.Tensor | None, scale: torch.Tensor,
+                     *, foil_owner: torch.Tensor | None = None, foil_weight: float = 0.0):
+    """Symmetric InfoNCE; ``foil`` rows (F, D) are extra negatives for image->text. Inputs are normalised.
+
+    With ``foil_weight`` > 0 and ``foil_owner`` (F,) naming each foil's image, add a focused term: for each
+    foil, a two-way softmax between its image's true caption and the foil (logistic loss on the margin).
+    """
     texts = cap if foil is None else torch.cat([cap, foil])  # (B + F, D)
     labels = torch.arange(img.shape[0], device=img.device)
     logits_i2t = scale * img @ texts.T  # (B, B + F)
     logits_t2i = scale * cap @ img.T  # (B, B)
-    return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+    loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
+    if foil is not None and foil_weight > 0 and foil_owner is not None and len(foil_owner):
+        own = img[foil_owner]  # (F, D)
+        margin = scale * ((own * cap[foil_owner]).sum(-1) - (own * foil).sum(-1))  # (F,)
+        loss = loss + foil_weight * F.softplus(-margin).mean()
+    return loss
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -155,15 +168,18 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
         ckpt.atomic_write(last_s, lambda tmp: torch.save(payload, tmp))
 
     t_start = time.time() - state.seconds
+    probe_at, probe_t = state.step + 20, None  # time steps probe_at..probe_at+50, after warm-up of the loader
     bar = tqdm(total=total, initial=state.step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     while state.step < total:
         epoch, skip = divmod(state.step, steps_per_epoch)
         dataset.epoch = epoch
-        sampler = EpochBatches(len(dataset), batch_size=config.batch_size, seed=config.seed, epoch=epoch, skip=skip)
+        sampler = EpochBatches(len(dataset), batch_size=config.batch_size, seed=config.seed, epoch=epoch, skip=skip,
+                               groups=dataset.group_keys())
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                              collate_fn=Collate(loaded.tokenizer), pin_memory=device.type == "cuda",
+                                             worker_init_fn=single_thread_worker if workers else None,
                                              persistent_workers=False, prefetch_factor=4 if workers else None)
-        for images, caps, foils in loader:
+        for images, caps, foils, foil_owner in loader:
             lr = lr_at(state.step, base=config.lr, warmup=config.warmup_steps, total=total)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -175,13 +191,23 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
                 txt = model.encode_text(texts, normalize=True)
                 scale = model.logit_scale.exp().clamp(max=100)
                 loss = contrastive_loss(img.float(), txt[: len(caps)].float(),
-                                        txt[len(caps):].float() if foils is not None else None, scale.float())
+                                        txt[len(caps):].float() if foils is not None else None, scale.float(),
+                                        foil_owner=foil_owner.to(device), foil_weight=config.foil_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if used is not None and emb.weight.grad is not None:
                 used |= emb.weight.grad.detach().abs().sum(1) > 0
             opt.step()
             state.step += 1
+            if config.time_budget_s and state.step == probe_at:
+                probe_t = time.time()
+            elif config.time_budget_s and probe_t and state.step == probe_at + 50:
+                rate = 50 / (time.time() - probe_t)
+                fit = state.step + int(rate * (config.time_budget_s - (time.time() - t_start)))
+                if fit < total:
+                    total = max(state.step + 1, fit)
+                    bar.total = total
+                    logger.info("time budget %.0f s at %.1f steps/s: %d steps in all", config.time_budget_s, rate, total)
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", scale=f"{scale.item():.1f}", epoch=epoch + 1)
             if state.step % config.save_every == 0:

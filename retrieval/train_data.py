@@ -12,7 +12,8 @@ from clipdex.retrieval.images import open_rgb
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Item ``i``: (image tensor, caption, foil texts). The caption is drawn per (seed, epoch, i)."""
+    """Item ``i``: (image tensor, caption, foil texts); caption and augmentation depend only on (seed, epoch, i),
+    so a resumed run sees exactly the batches an uninterrupted one would."""
 
     def __init__(self, pairs: Pairs, transform: Callable, *, seed: int, hard_negatives: bool):
         keep = [i for i, caps in enumerate(pairs.captions) if caps]
@@ -31,7 +32,12 @@ class CaptionedImages(torch.utils.data.Dataset):
         foils = []
         if self.hard_negatives and self.pairs.foils:
             foils = [f["text"] for f in self.pairs.foils[i] if f["caption_index"] == j]
+        torch.manual_seed(int(rng.integers(2**62)))  # augmentation too is a function of (seed, epoch, i)
         return self.transform(open_rgb(self.pairs.paths[i])), caps[j], foils
+
+    def group_keys(self) -> list[str] | None:
+        """The group of each item (None when the manifest has no groups)."""
+        return [self.pairs.groups[i] for i in self.keep] if self.pairs.groups else None
 
 
 class Collate:
@@ -45,15 +51,33 @@ class Collate:
         captions = self.tokenizer([it[1] for it in items])  # (B, L)
         foil_texts = [f for it in items for f in it[2]]
         foils = self.tokenizer(foil_texts) if foil_texts else None  # (F, L) or None
-        return images, captions, foils
+        foil_owner = torch.tensor([b for b, it in enumerate(items) for _ in it[2]], dtype=torch.long)  # (F,)
+        return images, captions, foils, foil_owner
+
+
+def single_thread_worker(_: int) -> None:
+    """DataLoader worker init: one intra-op thread per worker, or N workers x N threads thrash the cores."""
+    torch.set_num_threads(1)
 
 
 class EpochBatches(torch.utils.data.Sampler):
-    """Batches of a seeded permutation for one epoch, skipping the first ``skip`` batches (resume)."""
+    """Batches of a seeded permutation for one epoch, skipping the first ``skip`` batches (resume).
 
-    def __init__(self, n: int, *, batch_size: int, seed: int, epoch: int, skip: int = 0):
+    With ``groups``, the permutation shuffles groups and keeps each group's items next to each other, so
+    twins land in the same batch (except where a group straddles a batch boundary).
+    """
+
+    def __init__(self, n: int, *, batch_size: int, seed: int, epoch: int, skip: int = 0,
+                 groups: list[str] | None = None):
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
+        if groups:
+            members: dict[str, list[int]] = {}
+            for i, key in enumerate(groups):
+                members.setdefault(key, []).append(i)
+            keys = list(members)
+            order = [i for k in torch.randperm(len(keys), generator=g).tolist() for i in members[keys[k]]]
+        else:
+            order = torch.randperm(n, generator=g).tolist()
         full = n // batch_size  # drop the ragged last batch: contrastive loss wants full batches
         self.batches = [order[b * batch_size:(b + 1) * batch_size] for b in range(skip, full)]
 
