@@ -142,9 +142,11 @@ def _eval_retrieval(args) -> int:
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.retrieval.encoder import load_encoder
     from clipdex.retrieval.evaluate import evaluate_retrieval, format_table
+    from clipdex.retrieval.spec import parse_model_spec
 
+    spec = parse_model_spec(args.model)  # a mistyped spec fails first, before any file is read
     pairs = load_pairs(args.manifest, split=args.split or None)
-    enc = load_encoder(args.model, device=args.device)
+    enc = load_encoder(spec, device=args.device)
     result = evaluate_retrieval(enc, pairs, gallery=args.gallery, workers=args.workers)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

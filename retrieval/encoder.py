@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from clipdex.retrieval import checkpoint as ckpt
 from clipdex.retrieval.device import autocast, resolve_device
 from clipdex.retrieval.exceptions import CheckpointError, ModelSpecError
-from clipdex.retrieval.layout import LAYOUT_KEY, add_layout_head
-from clipdex.retrieval.registry import ensure_registered, get_model_config, register_config
+from clipdex.retrieval.registry import ensure_registered, register_config
 from clipdex.retrieval.spec import ModelSpec, parse_model_spec
 
 logger = logging.getLogger(__name__)
@@ -79,13 +78,12 @@ def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> Loaded
             if meta is None:
                 raise CheckpointError(
                     f"{path}: not a clipdex checkpoint (no config inside); name its architecture: ARCH:{path}")
-            register_config(meta.arch, meta.model_config)
-            arch = meta.arch
-            model, pre_train, pre = _create(arch, kwargs)
+            arch = register_config(meta.arch, meta.model_config)
+            model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
             ckpt.load_into(model, path)
         elif spec.kind in ("random", "arch_file"):
             arch = spec.arch
-            model, pre_train, pre = _create(arch, kwargs)
+            model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
             if spec.kind == "arch_file":
                 ckpt.load_into(model, spec.path)
         elif spec.kind == "pretrained":
@@ -104,21 +102,12 @@ def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> Loaded
             f"could not load {spec.text!r} from {where}: {e}. Pretrained weights need internet access the "
             "first time (then they are cached); offline, use a local checkpoint file instead."
         ) from e
+    finally:
+        logging.getLogger().removeFilter(quiet)
     tokenizer = open_clip.get_tokenizer(arch)
     model.eval()
     return LoadedModel(model=model, preprocess_train=pre_train, preprocess=pre, tokenizer=tokenizer,
                        arch=arch, spec=spec, meta=meta)
-
-
-def _create(arch: str, kwargs: dict):
-    """open_clip builds the model; clipdex adds its own heads that the config asks for."""
-    import open_clip
-
-    model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
-    grid = (get_model_config(arch) or {}).get(LAYOUT_KEY)
-    if grid:
-        add_layout_head(model, grid=int(grid))
-    return model, pre_train, pre
 
 
 def _checkpoint_file(path: Path) -> Path:

@@ -95,12 +95,24 @@ def add_model_config(path: str | Path) -> None:
         _register(p.stem, read_config_file(p))
 
 
-def register_config(arch: str, config: dict) -> None:
-    """Register a config carried inside a checkpoint, if its architecture is not known here yet."""
+def register_config(arch: str, config: dict) -> str:
+    """Make a config carried inside a checkpoint buildable; returns the name to build it by.
+
+    A checkpoint whose config differs from the registry's entry of the same name (an older or edited
+    architecture) is registered under ``ARCH@<hash>`` so the registry's own entry is never overwritten.
+    """
+    import hashlib
+    import json
+
     known = get_model_config(arch)
-    if known is not None and known != config:
-        logger.info("checkpoint's config for %s differs from the registry's; using the checkpoint's", arch)
-    _register(arch, config)
+    if known is None or known == config:
+        _register(arch, config)
+        return arch
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    name = f"{arch}@{digest}"
+    logger.info("checkpoint's config for %s differs from the registry's; building it as %s", arch, name)
+    _register(name, config)
+    return name
 
 
 def read_config_file(path: Path) -> dict:

@@ -173,7 +173,7 @@ def render_text(plan: CaptionPlan) -> str:
             noun = plan.count_noun[:-1] if n == 1 else plan.count_noun
             head = f"{vocab.COUNT_WORDS[n]} {noun}"
             desc = [f"{head} on {bg}: {objs}", f"{bg} with {head}: {objs}", f"{head} against {bg}: {objs}",
-                    f"there are {head} on {bg}: {objs}"][t]
+                    f"there {'is' if n == 1 else 'are'} {head} on {bg}: {objs}"][t]
     lm = plan.landmark
     if lm is None:
         return desc

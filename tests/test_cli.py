@@ -1,0 +1,105 @@
+"""The real CLI in a subprocess: the JSON contracts, the shipped default, the demo, fine-tuning, errors."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+
+KEYS = {"recall@1", "recall@5", "recall@10"}
+
+
+def test_help_teaches():
+    out = run_cli("--help").stdout
+    for word in ("world", "train", "eval", "models", "demo", "examples:"):
+        assert word in out
+    assert "--time-budget" in run_cli("train", "--help").stdout
+
+
+def test_models_json_lists_builtin_and_forms():
+    data = json.loads(run_cli("models", "--json").stdout)
+    assert "clipdex-world" in data["builtin"]
+    assert {"clipdex-s", "clipdex-tiny"} <= set(data["clipdex_architectures"])
+    assert "ViT-B-32" in data["open_clip_architectures"]
+
+
+@pytest.mark.slow
+def test_shipped_default_finds_unseen_scenes(tiny_world):
+    """The embedded default on a world generated with a seed it was not trained on (JSON contract too)."""
+    out = json.loads(run_cli("eval", "retrieval", "--model", "clipdex-world", "--manifest", str(tiny_world),
+                             "--split", "test", "--gallery", "200", "--json").stdout)
+    assert out["model"] == "clipdex-world" and out["gallery"] == 200
+    assert set(out["t2i"]) == KEYS and set(out["i2t"]) == KEYS and set(out["foil"]) == {"relation", "attribute"}
+    assert out["t2i"]["recall@5"] >= 0.95, out
+    assert out["i2t"]["recall@5"] >= 0.9, out
+    assert out["foil"]["attribute"] >= 0.85, out
+    table = run_cli("eval", "retrieval", "--model", "clipdex-world", "--manifest", str(tiny_world),
+                    "--split", "test", "--gallery", "20").stdout
+    assert "text->image" in table and "relation" in table
+
+
+def test_oracle_command(tiny_world):
+    out = json.loads(run_cli("eval", "oracle", "--manifest", str(tiny_world), "--split", "test",
+                             "--gallery", "200", "--json").stdout)
+    assert out["model"] == "oracle" and out["gallery"] == 200
+    assert out["t2i"]["recall@1"] >= 0.95 and out["i2t"]["recall@1"] >= 0.95
+
+
+@pytest.mark.slow
+def test_demo_runs_on_the_embedded_default(tmp_path):
+    out = json.loads(run_cli("demo", "--dir", str(tmp_path / "w"), "--gallery", "100", "--json").stdout)
+    assert out["recall"]["t2i"]["recall@5"] >= 0.95
+    directions = [e["direction"] for e in out["examples"]]
+    assert directions.count("text->image") == 3 and "image->image" in directions and "image->text" in directions
+    t2i = [e for e in out["examples"] if e["direction"] == "text->image"]
+    assert sum(e["results"][0]["hit"] for e in t2i) >= 2  # held-out captions find their own image first
+    assert (tmp_path / "w" / "manifest.parquet").exists()
+
+
+@pytest.mark.slow
+def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_path):
+    """ARCH:/path fine-tuning of a real open_clip architecture on a user's CSV of image-caption pairs.
+
+    No weights can be downloaded here, so the 'pretrained' file is a randomly initialised ViT-B-32 saved
+    in open_clip's state-dict format, as a downloaded checkpoint would be.
+    """
+    import open_clip
+
+    from clipdex.data_manifests.pairs import load_pairs
+    from clipdex.retrieval import checkpoint as ckpt
+
+    torch.manual_seed(0)
+    start = tmp_path / "open_clip_pytorch_model.pt"
+    torch.save(open_clip.create_model("ViT-B-32").state_dict(), start)
+    pairs = load_pairs(tiny_world, split="train").head(8)
+    manifest = tmp_path / "pairs.csv"
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        for p, caps in zip(pairs.paths, pairs.captions):
+            w.writerow([str(p), caps[0]])
+    run_cli("train", "--manifest", str(manifest), "--model", f"ViT-B-32:{start}", "--train-split", "",
+            "--eval-split", "", "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--lr", "1e-5",
+            "--workers", "0", "--out", str(tmp_path / "ft"), timeout=600)
+    tuned = tmp_path / "ft" / "model.safetensors"
+    meta = ckpt.read_meta(tuned)
+    assert meta.arch == "ViT-B-32" and meta.records["training"]["steps"] == 2
+    before = torch.load(start, weights_only=True)["visual.proj"]
+    after = ckpt.load_state_dict(tuned)["visual.proj"]
+    assert not torch.equal(before, after), "fine-tuning changed nothing"
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["eval", "retrieval", "--model", "nope", "--manifest", "x.parquet"], "unknown model"),
+        (["eval", "retrieval", "--model", "clipdex-world", "--manifest", "/no/such.parquet"], "manifest not found"),
+        (["eval", "retrieval", "--model", "/no/such/model.safetensors", "--manifest", "x.parquet"], "not found"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args, says, tmp_path):
+    proc = run_cli(*args, check=False, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert says in proc.stderr and "Traceback" not in proc.stderr
