@@ -14,7 +14,7 @@ import numpy as np
 
 from clipdex.data_manifests.pairs import load_pairs
 from clipdex.retrieval.encoder import load_encoder
-from clipdex.retrieval.evaluate import embed_pairs_images, evaluate_retrieval, format_table
+from clipdex.retrieval.evaluate import embed_gallery, format_table, score_gallery
 
 DEMO_SEED = 20261124  # not the seed the default was trained on: every demo scene is new to the model
 
@@ -41,11 +41,9 @@ def run_demo(*, world_dir: str | Path, model: str, gallery: int = 1000, as_json:
     manifest = ensure_world(Path(world_dir), gallery=gallery)
     pairs = load_pairs(manifest, split="test").head(gallery)
     encoder = load_encoder(model)
-    result = evaluate_retrieval(encoder, pairs, gallery=gallery)
-    img = embed_pairs_images(encoder, pairs)
-    texts = [c for caps in pairs.captions for c in caps]
-    owner = [i for i, caps in enumerate(pairs.captions) for _ in caps]
-    txt = encoder.encode_texts(texts)
+    emb = embed_gallery(encoder, pairs, gallery=gallery)  # embedded once: scored, then searched
+    result = score_gallery(emb)
+    img, txt, texts, owner = emb.img, emb.txt, emb.texts, emb.owner
     examples = []
     for qi in (0, 1, 2):  # text -> image: a held-out caption; the right image is the one it describes
         q = pairs.captions[qi][0]

@@ -11,6 +11,7 @@ Foil accuracy: how often an image scores its true caption strictly above the cap
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,40 +35,63 @@ def embed_unique_texts(encoder: DualEncoder, texts: list[str]) -> tuple[np.ndarr
     return encoder.encode_texts(list(uniq)), inverse
 
 
-def evaluate_retrieval(encoder: DualEncoder, pairs: Pairs, *, gallery: int = 1000, ks=DEFAULT_KS,
-                       workers: int | None = None) -> dict:
-    """Recall both ways and foil accuracy on the first ``gallery`` images of ``pairs`` (the JSON contract)."""
+@dataclass
+class GalleryEmbeddings:
+    """A gallery embedded once: images, every caption (with its owner image) and the foils."""
+
+    spec: str
+    img: np.ndarray  # (N, D)
+    texts: list[str]
+    owner: np.ndarray  # (C,) index of each caption's image
+    txt: np.ndarray  # (C, D); identical strings have identical rows
+    cap_pos: dict[tuple[int, int], int]  # (image, caption index) -> row of txt
+    foils: list[tuple[int, int, str]]  # (image, caption index, kind)
+    foil_emb: np.ndarray  # (F, D)
+
+
+def embed_gallery(encoder: DualEncoder, pairs: Pairs, *, gallery: int = 1000,
+                  workers: int | None = None) -> GalleryEmbeddings:
+    """Embed the first ``gallery`` images of ``pairs``, their captions and their foils."""
     g = pairs.head(gallery)
-    n = len(g)
-    img = embed_pairs_images(encoder, g, workers=workers)  # (N, D)
+    img = embed_pairs_images(encoder, g, workers=workers)
     texts, owner, cap_pos = [], [], {}
     for i, caps in enumerate(g.captions):
         for j, c in enumerate(caps):
             cap_pos[(i, j)] = len(texts)
             texts.append(c)
             owner.append(i)
-    owner = np.array(owner)
     foil_items = [(i, f["caption_index"], f["kind"], f["text"]) for i, fs in enumerate(g.foils) for f in fs
                   if (i, f["caption_index"]) in cap_pos]
     uniq_emb, inverse = embed_unique_texts(encoder, texts + [f[3] for f in foil_items])
-    txt = uniq_emb[inverse[: len(texts)]]  # (C, D), identical strings -> identical rows
+    return GalleryEmbeddings(spec=encoder.info.spec, img=img, texts=texts, owner=np.array(owner),
+                             txt=uniq_emb[inverse[: len(texts)]], cap_pos=cap_pos,
+                             foils=[f[:3] for f in foil_items], foil_emb=uniq_emb[inverse[len(texts):]])
+
+
+def score_gallery(e: GalleryEmbeddings, *, ks=DEFAULT_KS) -> dict:
+    """Recall both ways and foil accuracy of an embedded gallery (the JSON contract)."""
+    n = len(e.img)
     image_ids = np.arange(n)
-    t2i = ranks_by_owner(lambda a, b: txt[a:b] @ img.T, query_owner=owner, gallery_owner=image_ids)
-    i2t = ranks_by_owner(lambda a, b: img[a:b] @ txt.T, query_owner=image_ids, gallery_owner=owner)
+    t2i = ranks_by_owner(lambda a, b: e.txt[a:b] @ e.img.T, query_owner=e.owner, gallery_owner=image_ids)
+    i2t = ranks_by_owner(lambda a, b: e.img[a:b] @ e.txt.T, query_owner=image_ids, gallery_owner=e.owner)
     foil = defaultdict(list)
-    foil_emb = uniq_emb[inverse[len(texts):]]
-    for (i, ci, kind, _), fe in zip(foil_items, foil_emb):
-        true_score = float(img[i] @ txt[cap_pos[(i, ci)]])
-        foil[kind].append(true_score > float(img[i] @ fe))
+    for (i, ci, kind), fe in zip(e.foils, e.foil_emb):
+        foil[kind].append(float(e.img[i] @ e.txt[e.cap_pos[(i, ci)]]) > float(e.img[i] @ fe))
     return {
-        "model": encoder.info.spec,
+        "model": e.spec,
         "gallery": n,
         "t2i": recall_at(t2i, ks),
         "i2t": recall_at(i2t, ks),
         "foil": {k: float(np.mean(v)) for k, v in sorted(foil.items())},
         "foil_count": {k: len(v) for k, v in sorted(foil.items())},
-        "queries": {"t2i": int(len(texts)), "i2t": int(n)},
+        "queries": {"t2i": int(len(e.texts)), "i2t": int(n)},
     }
+
+
+def evaluate_retrieval(encoder: DualEncoder, pairs: Pairs, *, gallery: int = 1000, ks=DEFAULT_KS,
+                       workers: int | None = None) -> dict:
+    """Recall both ways and foil accuracy on the first ``gallery`` images of ``pairs`` (the JSON contract)."""
+    return score_gallery(embed_gallery(encoder, pairs, gallery=gallery, workers=workers), ks=ks)
 
 
 def format_table(result: dict) -> str:
