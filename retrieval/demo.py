@@ -59,7 +59,7 @@ def run_demo(*, world_dir: str | Path, model: str, gallery: int = 1000, as_json:
     qi = 4  # image -> text: captions from the whole gallery
     s = img[qi] @ txt.T
     examples.append({"direction": "image->text", "query": str(pairs.paths[qi]),
-                     "results": [{"caption": texts[j], "score": float(s[j]), "hit": owner[j] == qi}
+                     "results": [{"caption": texts[j], "score": float(s[j]), "hit": bool(owner[j] == qi)}
                                  for j in _top(s, k)]})
     summary = {"model": model, "world": str(manifest), "recall": result, "examples": examples,
                "seconds": round(time.time() - t0, 1)}
