@@ -55,7 +55,7 @@ class WorldConfig:
     png_fraction: float = 0.15  # share of images written as PNG (the rest JPEG)
     jpeg_quality: int = 90
     album_size: int = 500  # images per album folder
-    twin_fraction: float = 0.0  # share of train scenes (2+ objects) followed by a relation-swapped twin
+    twin_fraction: float = 0.0  # share of train scenes followed by a twin (cells swapped or object moved)
 
     def __post_init__(self) -> None:
         for name in ("train", "test", "corpus", "landmarks", "views_per_landmark"):
@@ -136,15 +136,21 @@ def swap_cells(scene: Scene, a: int, b: int) -> Scene:
 
 
 def _train_items(config: WorldConfig, ordinary, used: set) -> list[Item]:
-    """Train scenes; with ``twin_fraction``, a 2+-object scene may be followed by its relation-swapped twin."""
+    """Train scenes; with ``twin_fraction``, a scene may be followed by its twin: two objects' cells swapped
+    (every relation between them flips), or a lone object moved to another cell."""
     items: list[Item] = []
     i = 0
     while i < config.train:
         scene = ordinary("train", i)
         rng = np.random.default_rng([config.seed, SPLIT_CODES["train"], i, TWIN_STREAM])
-        if len(scene.objects) >= 2 and i + 1 < config.train and rng.random() < config.twin_fraction:
-            a, b = (int(x) for x in rng.choice(len(scene.objects), size=2, replace=False))
-            twin = swap_cells(scene, a, b)
+        if i + 1 < config.train and rng.random() < config.twin_fraction:
+            if len(scene.objects) >= 2:
+                a, b = (int(x) for x in rng.choice(len(scene.objects), size=2, replace=False))
+                twin = swap_cells(scene, a, b)
+            else:  # one object: the same object in another cell, so position words alone tell them apart
+                here = scene.objects[0].row * 3 + scene.objects[0].col
+                cell = int(rng.choice([c for c in range(9) if c != here]))
+                twin = replace(scene, objects=(replace(scene.objects[0], row=cell // 3, col=cell % 3),))
             if twin.signature() not in used:
                 used.add(twin.signature())
                 items += [Item("train", i, "scene", scene, group=i), Item("train", i + 1, "scene", twin, group=i)]
