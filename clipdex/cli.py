@@ -19,6 +19,9 @@ examples:
   clipdex train --manifest worlds/demo/manifest.parquet --out runs/mine
   clipdex eval retrieval --model clipdex-world --manifest worlds/demo/manifest.parquet --split test
   clipdex eval oracle --manifest worlds/demo/manifest.parquet --split test
+  clipdex index worlds/demo/manifest.parquet --split corpus   # embed a collection
+  clipdex search "a red circle left of a star"             # text -> image
+  clipdex search --image photo.jpg --captions              # image -> text
   clipdex models                                           # built-in names and accepted spec forms
   clipdex demo                                             # the whole thing on the embedded default
 """
@@ -28,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand registered."""
     # Imported here, not at module top, so `clipdex --help` stays fast and import has no side effects.
     from clipdex.data_manifests.world import cli as world_cli
+    from clipdex.indexer import cli as indexer_cli
     from clipdex.retrieval import cli as retrieval_cli
 
     parser = argparse.ArgumentParser(
@@ -41,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     world_cli.register(sub)
+    indexer_cli.register(sub)
     retrieval_cli.register(sub)
     return parser
 

@@ -88,7 +88,7 @@ def load_pairs(manifest: str | Path, *, split: str | None = None) -> Pairs:
         elif isinstance(caps, str):  # CSV/JSON may hold a JSON-encoded list or one caption
             caps = json.loads(caps) if caps.startswith("[") else [caps]
         captions.append([c for c in caps if c])
-    ids = [str(r.get("id") or i) for i, r in enumerate(rows)]
+    ids = [str(r["id"]) if r.get("id") is not None else str(r["path"]) for r in rows]  # path when no id column
     foils = [list(r.get("foils") or []) for r in rows] if "foils" in cols else []
     groups = [str(r["group"]) for r in rows] if "group" in cols else []
     paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"] for r in rows]

@@ -19,3 +19,11 @@ class ManifestError(ClipdexError):
 
 class MissingDependencyError(ClipdexError, ImportError):
     """An optional dependency is needed for what was asked; the message says what to install."""
+
+
+class StoreError(ClipdexError):
+    """A database folder or collection is missing, unreadable or not a clipdex store."""
+
+
+class ModelMismatchError(StoreError):
+    """A query or an append used another encoder than the one that filled the collection."""

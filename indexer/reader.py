@@ -1,0 +1,115 @@
+"""Read stage: walk a folder or a manifest and list what there is to index (no decoding here)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipdex.retrieval.exceptions import ManifestError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+MANIFEST_SUFFIXES = frozenset({".parquet", ".csv", ".jsonl", ".ndjson", ".json"})
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One file to index: its id in the collection, its absolute path, captions, size and mtime."""
+
+    id: str
+    path: str
+    captions: tuple[str, ...] = ()
+    size: int = 0
+    mtime: float = 0.0
+
+
+@dataclass
+class SourceListing:
+    """What the reader found: the items, plus files it skipped (with the reason)."""
+
+    source: str  # recorded with every row: deletions only touch rows of the same source
+    items: list[SourceItem]
+    ignored: int = 0  # files that are not images (by suffix)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) for files that are not there
+
+
+def _stat(path: str) -> tuple[int, float] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime
+
+
+def read_folder(root: str | Path) -> SourceListing:
+    """Every image file under ``root`` (recursively, sorted), with its path relative to ``root`` as id."""
+    root = Path(root).resolve()
+    items, ignored = [], 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                ignored += 1
+                continue
+            st = _stat(path)
+            if st is None:
+                continue  # vanished while walking
+            items.append(SourceItem(id=Path(path).relative_to(root).as_posix(), path=path, size=st[0], mtime=st[1]))
+    return SourceListing(source=str(root), items=items, ignored=ignored)
+
+
+def read_manifest(manifest: str | Path, *, split: str | None = None) -> SourceListing:
+    """The rows of a Parquet, CSV or JSONL manifest: ``path`` (relative to the manifest), optional ``id``,
+    ``captions`` (list) or ``caption`` (string) and ``split``."""
+    from clipdex.data_manifests.pairs import load_pairs
+
+    manifest = Path(manifest).resolve()
+    try:
+        pairs = load_pairs(manifest, split=split)
+    except ManifestError as e:
+        if "needs a 'captions'" not in str(e):
+            raise
+        pairs = _paths_only(manifest, split=split)  # captions are optional for indexing
+    items, missing = [], []
+    seen = set()
+    for i, p, caps in zip(pairs.ids, pairs.paths, pairs.captions):
+        if i in seen:
+            raise ManifestError(f"{manifest}: id {i!r} appears twice")
+        seen.add(i)
+        st = _stat(str(p))
+        if st is None:
+            missing.append((str(p), "file not found"))
+            continue
+        items.append(SourceItem(id=i, path=str(Path(p).resolve()), captions=tuple(caps), size=st[0], mtime=st[1]))
+    source = str(manifest) + (f"#split={split}" if split else "")
+    return SourceListing(source=source, items=items, missing=missing)
+
+
+def _paths_only(manifest: Path, *, split: str | None):
+    from clipdex.data_manifests.pairs import Pairs, read_table
+
+    t = read_table(manifest)
+    if split is not None:
+        import pyarrow.compute as pc
+
+        t = t.filter(pc.equal(t["split"], split))
+    rows = t.to_pylist()
+    paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else manifest.parent / r["path"] for r in rows]
+    return Pairs(manifest, [str(r["id"]) if r.get("id") is not None else str(r["path"]) for r in rows], paths, [[] for _ in rows])
+
+
+def read_source(source: str | Path, *, split: str | None = None) -> SourceListing:
+    """A folder (walked) or a manifest file (read); errors name the path."""
+    source = Path(source)
+    if source.is_dir():
+        if split:
+            raise ManifestError(f"--split applies to manifests; {source} is a folder")
+        return read_folder(source)
+    if source.is_file():
+        if source.suffix.lower() not in MANIFEST_SUFFIXES:
+            raise ManifestError(f"{source}: not a folder or a manifest (.parquet, .csv, .jsonl)")
+        return read_manifest(source, split=split)
+    raise ManifestError(f"source not found: {source}")

@@ -1,0 +1,219 @@
+"""The runner: read -> plan -> decode -> embed -> write -> index, each stage timed, with a progress bar.
+
+Incremental and crash-safe. The plan compares the source with the collection: new files are indexed;
+a file whose size or mtime changed is hashed, and re-indexed only if its content hash changed; rows of
+files no longer in the source are dropped. Rows are appended in large batches, captions before their
+image, so a run killed at any moment leaves only whole images (plus orphan captions that the next run's
+reconcile step drops); running the same command again finishes the job with exactly the rows an
+uninterrupted run makes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from clipdex.indexer.decode import DEFAULT_MAX_PIXELS, decoded_batches, hash_file
+from clipdex.indexer.embed import Embedder
+from clipdex.indexer.reader import SourceItem, SourceListing, read_source
+from clipdex.indexer.writer import StoreWriter
+from clipdex.retrieval.exceptions import StoreError
+from clipdex.retrieval.index import IndexConfig, load_for
+from clipdex.retrieval.store import DEFAULT_COLLECTION, DEFAULT_DB, Collection, Database, sql_in
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """What ``clipdex index`` does.
+
+    source: a folder (walked recursively) or a manifest (.parquet/.csv/.jsonl with a path column).
+    split: only the manifest rows of this split.
+    batch_size: images per encoder batch. workers: decoding processes (None: cores - 1).
+    flush_rows: images per LanceDB append (large appends, few fragments).
+    rehash: hash every file, not only those whose size or mtime changed.
+    max_pixels: larger images are skipped as decompression bombs.
+    """
+
+    source: str
+    db: str = DEFAULT_DB
+    collection: str = DEFAULT_COLLECTION
+    model: str = "clipdex-world"
+    split: str | None = None
+    batch_size: int = 256
+    workers: int | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    flush_rows: int = 4096
+    rehash: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    build_index: bool = True
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+
+@dataclass
+class Plan:
+    """What a run has to do, from comparing the source with the collection."""
+
+    todo: list[SourceItem]
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    touched: list[tuple[str, float]] = field(default_factory=list)  # same content, new mtime: (id, mtime)
+    remove: list[str] = field(default_factory=list)  # ids to drop (deleted or changed files)
+    removed: int = 0
+
+
+def plan_run(collection: Collection, listing: SourceListing, *, rehash: bool = False) -> Plan:
+    """Compare a source listing with what ``collection`` holds from that source."""
+    existing = collection.existing(listing.source)
+    plan = Plan(todo=[])
+    seen = set()
+    for item in listing.items:
+        seen.add(item.path)
+        row = existing.get(item.path)
+        if row is None:
+            plan.todo.append(item)
+            plan.new += 1
+            continue
+        if not rehash and row.size == item.size and row.mtime == item.mtime and row.id == item.id:
+            plan.unchanged += 1
+            continue
+        try:
+            same = hash_file(item.path) == row.content_hash and row.id == item.id
+        except OSError:
+            same = False
+        if same:
+            plan.unchanged += 1
+            if row.mtime != item.mtime:
+                plan.touched.append((row.id, item.mtime))
+        else:
+            plan.todo.append(item)
+            plan.remove.append(row.id)
+            plan.changed += 1
+    gone = [row.id for path, row in existing.items() if path not in seen]
+    plan.remove += gone
+    plan.removed = len(gone)
+    _check_id_clash(collection, listing.source, plan.todo)
+    return plan
+
+
+def _check_id_clash(collection: Collection, source: str, todo: list[SourceItem]) -> None:
+    if not todo:
+        return
+    t = collection.images.search().select(["id", "source"]).limit(None).to_arrow()
+    other = {i: s for i, s in zip(t["id"].to_pylist(), t["source"].to_pylist()) if s != source}
+    clash = [it.id for it in todo if it.id in other]
+    if clash:
+        raise StoreError(f"{len(clash)} ids are already in collection {collection.name!r} from another source "
+                         f"(e.g. {clash[0]!r} from {other[clash[0]]}); index this source into another --collection")
+
+
+def run_index(settings: IndexSettings, *, progress: bool = True) -> dict:
+    """Index ``settings.source`` into the collection; returns the JSON summary (counts, timings, failures)."""
+    from tqdm import tqdm
+
+    from clipdex.retrieval.encoder import load_encoder
+    from clipdex.retrieval.images import default_workers
+    from clipdex.retrieval.spec import parse_model_spec
+
+    t_start = time.perf_counter()
+    parse_model_spec(settings.model)  # a mistyped spec fails before any work
+    times: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    listing = read_source(settings.source, split=settings.split)
+    times["read"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    encoder = load_encoder(settings.model, device=settings.device, precision=settings.precision)
+    times["load_model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    db = Database(settings.db, create=True)
+    collection = db.open_or_create(settings.collection, info=encoder.info)
+    orphans = collection.reconcile()
+    plan = plan_run(collection, listing, rehash=settings.rehash)
+    if plan.remove:
+        collection.delete_images(plan.remove)
+    for row_id, mtime in plan.touched:
+        collection.images.update(where=sql_in("id", [row_id]), values={"mtime": mtime})
+    times["plan"] = time.perf_counter() - t0
+
+    workers = default_workers() if settings.workers is None else settings.workers
+    embedder = Embedder(encoder)
+    writer = StoreWriter(collection, source=listing.source, flush_rows=settings.flush_rows)
+    failures = [{"path": p, "reason": r} for p, r in listing.missing]
+    decode_cpu = wait = 0.0
+    t_loop = time.perf_counter()
+    bar = tqdm(total=len(plan.todo), unit="img", desc=f"indexing into {settings.collection}",
+               disable=not progress or not plan.todo, dynamic_ncols=True)
+    try:
+        batches = [] if not plan.todo else decoded_batches(plan.todo, encoder.preprocess, batch_size=settings.batch_size, workers=workers,
+                                  max_pixels=settings.max_pixels, draft_size=encoder.info.image_size)
+        t_wait = time.perf_counter()
+        for batch in batches:
+            wait += time.perf_counter() - t_wait
+            decode_cpu += batch["decode_seconds"]
+            failures += [{"path": plan.todo[p].path, "reason": r} for p, r in batch["errors"]]
+            if batch["pixels"] is not None:
+                items = [plan.todo[p] for p in batch["pos"]]
+                img_vec = embedder.images(batch["pixels"])
+                cap_vec = embedder.texts([c for it in items for c in it.captions])
+                c = 0
+                for it, h, w, ht, v in zip(items, batch["hash"], batch["width"], batch["height"], img_vec):
+                    n = len(it.captions)
+                    writer.add(it, content_hash=h, width=w, height=ht, vector=v, caption_vectors=cap_vec[c:c + n])
+                    c += n
+            bar.update(batch["count"])
+            bar.set_postfix(failed=len(failures) - len(listing.missing), refresh=False)
+            t_wait = time.perf_counter()
+        writer.flush()
+    finally:
+        bar.close()
+    loop_s = time.perf_counter() - t_loop
+
+    t0 = time.perf_counter()
+    if writer.written or plan.remove:
+        collection.compact()
+    times["compact"] = time.perf_counter() - t0
+    indexes = {}
+    t0 = time.perf_counter()
+    if settings.build_index:
+        for table in ("images", "captions"):
+            indexes[table] = load_for(collection, table, config=settings.index).sidecar  # rebuilt if stale
+    times["faiss"] = time.perf_counter() - t0
+    times.update({"decode_wait": wait, "decode_worker_cpu": decode_cpu, "embed": embedder.seconds,
+                  "write": writer.seconds, "index_loop": loop_s, "total": time.perf_counter() - t_start})
+    summary = {
+        "source": listing.source, "db": str(db.path), "collection": settings.collection,
+        "model": encoder.info.spec, "device": str(encoder.device), "workers": workers,
+        "counts": {"seen": len(listing.items) + len(listing.missing), "new": plan.new, "changed": plan.changed,
+                   "unchanged": plan.unchanged, "removed": plan.removed, "indexed": writer.written,
+                   "failed": len(failures), "ignored_non_images": listing.ignored, "orphan_captions_dropped": orphans,
+                   "images_in_collection": collection.count(),
+                   "captions_in_collection": collection.captions.count_rows()},
+        "images_per_s": (writer.written / loop_s) if loop_s > 0 and writer.written else None,
+        "seconds": {k: round(v, 3) for k, v in times.items()},
+        "failures": failures,
+        "faiss": indexes,
+        "settings": {k: v for k, v in asdict(settings).items() if k != "index"},
+    }
+    _write_report(db.path, settings.collection, summary)
+    return summary
+
+
+def _write_report(db_dir: Path, collection: str, summary: dict) -> None:
+    path = db_dir / "_reports" / f"{collection}-last-index.json"
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        logger.warning("could not write the index report %s: %s", path, e)
