@@ -35,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    g.add_argument("--flush-rows", type=int, default=4096, help="images per LanceDB append (default: %(default)s)")
     g.add_argument("--exact-threshold", type=int, default=50_000,
                    help="exact FAISS search up to this many vectors, an IVF index above (default: %(default)s)")
     g.add_argument("--no-faiss", action="store_true", help="skip building FAISS indexes (search builds them)")
@@ -50,7 +51,7 @@ def _index(args) -> int:
 
     settings = IndexSettings(source=args.source, db=args.db, collection=args.collection, model=args.model,
                              split=args.split, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                             precision=args.precision, rehash=args.rehash, build_index=not args.no_faiss,
+                             precision=args.precision, rehash=args.rehash, flush_rows=args.flush_rows, build_index=not args.no_faiss,
                              index=IndexConfig(exact_threshold=args.exact_threshold))
     summary = run_index(settings, progress=not (args.json or args.no_progress))
     if args.json:

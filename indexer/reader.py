@@ -16,7 +16,7 @@ MANIFEST_SUFFIXES = frozenset({".parquet", ".csv", ".jsonl", ".ndjson", ".json"}
 class SourceItem:
     """One file to index: its id in the collection, its absolute path, captions, size and mtime."""
 
-    id: str
+    id: str  # folders: the absolute path; manifests: the id column (else the path as written)
     path: str
     captions: tuple[str, ...] = ()
     size: int = 0
@@ -42,7 +42,8 @@ def _stat(path: str) -> tuple[int, float] | None:
 
 
 def read_folder(root: str | Path) -> SourceListing:
-    """Every image file under ``root`` (recursively, sorted), with its path relative to ``root`` as id."""
+    """Every image file under ``root`` (recursively, sorted); a file's id is its absolute path, so folders
+    indexed into one collection never clash."""
     root = Path(root).resolve()
     items, ignored = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -57,7 +58,7 @@ def read_folder(root: str | Path) -> SourceListing:
             st = _stat(path)
             if st is None:
                 continue  # vanished while walking
-            items.append(SourceItem(id=Path(path).relative_to(root).as_posix(), path=path, size=st[0], mtime=st[1]))
+            items.append(SourceItem(id=path, path=path, size=st[0], mtime=st[1]))
     return SourceListing(source=str(root), items=items, ignored=ignored)
 
 

@@ -116,9 +116,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_collections)
 
     p = sub.add_parser("demo", help="the main job on the embedded default, end to end", formatter_class=fmt,
-                       description="Generate a small built-in world if needed, evaluate the embedded default "
-                       "model on it and show example searches in each direction with their scores.")
+                       description="Generate a small built-in world if needed, index its corpus with the "
+                       "embedded default model (LanceDB + FAISS), show example searches in each direction with "
+                       "their scores, and measure the collection's recall.")
     p.add_argument("--dir", default="clipdex-data/demo-world", help="where the demo world lives")
+    p.add_argument("--db", default=None, help="database folder for the demo collection (default: DIR/db)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=SPEC_HELP)
     p.add_argument("--gallery", type=int, default=1000)
     p.add_argument("--json", action="store_true")
@@ -257,4 +259,4 @@ def _eval_oracle(args) -> int:
 def _demo(args) -> int:
     from clipdex.retrieval.demo import run_demo
 
-    return run_demo(world_dir=args.dir, model=args.model, gallery=args.gallery, as_json=args.json)
+    return run_demo(world_dir=args.dir, db=args.db, model=args.model, gallery=args.gallery, as_json=args.json)

@@ -1,7 +1,8 @@
 """``clipdex demo``: the main job on the embedded default, end to end, in about a minute on 2 cores.
 
-Generates a small built-in world (held-out scenes the model never saw) if it is not there yet, measures
-the model's recall on it, and shows example searches in each direction with their cosine scores.
+Generates a small built-in world (scenes the model never saw, plus a few landmarks) if it is not there
+yet, indexes its corpus into a collection (LanceDB + FAISS, incremental: a second run re-uses it), shows
+example searches in each direction with their cosine scores, and measures the collection's recall.
 """
 
 from __future__ import annotations
@@ -10,63 +11,72 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from clipdex.data_manifests.pairs import load_pairs
-from clipdex.retrieval.encoder import load_encoder
-from clipdex.retrieval.evaluate import embed_gallery, format_table, score_gallery
+from clipdex.retrieval.evaluate import format_table
 
 DEMO_SEED = 20261124  # not the seed the default was trained on: every demo scene is new to the model
+DEMO_COLLECTION = "demo"
 
 
 def ensure_world(world_dir: Path, *, gallery: int) -> Path:
-    """Generate the demo world (test split only) unless it already exists; returns its manifest."""
+    """Generate the demo world (a corpus of ``gallery`` scenes and 4 landmarks) unless it exists; returns its manifest."""
     from clipdex.data_manifests.world.generate import WorldConfig, generate_world
 
     manifest = world_dir / "manifest.parquet"
     if not manifest.exists():
-        cfg = WorldConfig(seed=DEMO_SEED, train=0, test=gallery, corpus=0, landmarks=0, views_per_landmark=0)
+        cfg = WorldConfig(seed=DEMO_SEED, train=0, test=0, corpus=gallery, landmarks=4, views_per_landmark=2)
         generate_world(cfg, out_dir=world_dir, progress=True)
     return manifest
 
 
-def _top(scores: np.ndarray, k: int, *, skip: int | None = None) -> list[int]:
-    order = np.argsort(-scores, kind="stable")
-    return [int(i) for i in order if i != skip][:k]
-
-
-def run_demo(*, world_dir: str | Path, model: str, gallery: int = 1000, as_json: bool = False, k: int = 3) -> int:
+def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str, gallery: int = 1000,
+             as_json: bool = False, k: int = 3) -> int:
     """Run the demo and print what it finds; returns the exit code."""
+    from clipdex.indexer.runner import IndexSettings, run_index
+    from clipdex.retrieval.collection_eval import evaluate_collection
+    from clipdex.retrieval.search import SearchCollection
+    from clipdex.retrieval.store import Database
+
     t0 = time.time()
-    manifest = ensure_world(Path(world_dir), gallery=gallery)
-    pairs = load_pairs(manifest, split="test").head(gallery)
-    encoder = load_encoder(model)
-    emb = embed_gallery(encoder, pairs, gallery=gallery)  # embedded once: scored, then searched
-    result = score_gallery(emb)
-    img, txt, texts, owner = emb.img, emb.txt, emb.texts, emb.owner
+    world_dir = Path(world_dir)
+    manifest = ensure_world(world_dir, gallery=gallery)
+    db = Path(db) if db else world_dir / "db"
+    summary = run_index(IndexSettings(source=str(manifest), split="corpus", db=str(db), collection=DEMO_COLLECTION,
+                                      model=model), progress=not as_json)
+    collection = Database(db).open(DEMO_COLLECTION)
+    search = SearchCollection(collection)
+    pairs = load_pairs(manifest, split="corpus")
     examples = []
-    for qi in (0, 1, 2):  # text -> image: a held-out caption; the right image is the one it describes
-        q = pairs.captions[qi][0]
-        s = encoder.encode_texts([q])[0] @ img.T
+    for qi in (0, 1, 2):  # text -> image: one of an image's captions; the right image is the one it describes
+        q = pairs.captions[qi][1]
         examples.append({"direction": "text->image", "query": q, "expected": str(pairs.paths[qi]),
-                         "results": [{"path": str(pairs.paths[j]), "score": float(s[j]), "hit": j == qi}
-                                     for j in _top(s, k)]})
-    qi = 3  # image -> image: nearest other images
-    s = img[qi] @ img.T
+                         "results": [{"path": h.path, "score": h.score, "hit": h.id == pairs.ids[qi]}
+                                     for h in search.search_text(q, k=k)]})
+    qi = 3  # image -> image: the nearest other images
+    hits = [h for h in search.search_image(pairs.paths[qi], k=k + 1) if h.id != pairs.ids[qi]][:k]
+    caption_of = dict(zip(pairs.ids, pairs.captions))
     examples.append({"direction": "image->image", "query": str(pairs.paths[qi]),
-                     "results": [{"path": str(pairs.paths[j]), "score": float(s[j]), "caption": pairs.captions[j][0]}
-                                 for j in _top(s, k, skip=qi)]})
-    qi = 4  # image -> text: captions from the whole gallery
-    s = img[qi] @ txt.T
+                     "results": [{"path": h.path, "score": h.score, "caption": caption_of[h.id][0]} for h in hits]})
+    qi = 4  # image -> text: captions from the whole collection
     examples.append({"direction": "image->text", "query": str(pairs.paths[qi]),
-                     "results": [{"caption": texts[j], "score": float(s[j]), "hit": bool(owner[j] == qi)}
-                                 for j in _top(s, k)]})
-    summary = {"model": model, "world": str(manifest), "recall": result, "examples": examples,
-               "seconds": round(time.time() - t0, 1)}
+                     "results": [{"caption": h.caption, "score": h.score, "hit": h.image_id == pairs.ids[qi]}
+                                 for h in search.search_captions(pairs.paths[qi], k=k)]})
+    recall = evaluate_collection(collection, pairs, gallery=len(pairs), model=model)
+    out = {"model": model, "world": str(manifest), "db": str(db), "collection": DEMO_COLLECTION,
+           "index": {"counts": summary["counts"], "images_per_s": summary["images_per_s"],
+                     "seconds": summary["seconds"]},
+           "recall": recall, "examples": examples, "seconds": round(time.time() - t0, 1)}
     if as_json:
-        print(json.dumps(summary))
+        print(json.dumps(out))
         return 0
-    print(f"clipdex demo: model {model} on {len(pairs)} held-out scenes of the built-in world ({manifest})\n")
+    c = summary["counts"]
+    print(f"\nclipdex demo: model {model}; collection {DEMO_COLLECTION!r} in {db}: {c['images_in_collection']} "
+          f"images, {c['captions_in_collection']} captions of the built-in world (scenes the model never saw)")
+    if c["indexed"]:
+        print(f"indexed {c['indexed']} images at {summary['images_per_s']:.0f} images/s")
+    else:
+        print(f"already indexed ({c['unchanged']} unchanged)")
+    print()
     for ex in examples:
         print(f"[{ex['direction']}] {ex['query']}")
         for r in ex["results"]:
@@ -75,6 +85,8 @@ def run_demo(*, world_dir: str | Path, model: str, gallery: int = 1000, as_json:
             if ex["direction"] == "image->image":
                 print(f"          {r['caption']}")
         print()
-    print(format_table(result))
-    print(f"\n({summary['seconds']:.0f} s)")
+    print("measured on the whole collection (every caption queries every image, and back):")
+    print(format_table(recall))
+    print(f"\n({out['seconds']:.0f} s)   next: clipdex search \"a red circle left of a star\" --db {db} "
+          f"--collection {DEMO_COLLECTION}")
     return 0

@@ -18,12 +18,15 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from clipdex.retrieval.encoder import EncoderInfo
 from clipdex.retrieval.exceptions import ModelMismatchError, StoreError
+
+if TYPE_CHECKING:  # the encoder module imports torch; the store does not need it to open a database
+    from clipdex.retrieval.encoder import EncoderInfo
 
 logger = logging.getLogger(__name__)
 
@@ -35,10 +38,10 @@ DEFAULT_COLLECTION = "default"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
-def images_schema(info: EncoderInfo) -> pa.Schema:
+def images_schema(info: "EncoderInfo") -> pa.Schema:
     """The images table: one row per indexed file."""
     return pa.schema([
-        pa.field("id", pa.string(), nullable=False),  # relative path (folders) or the manifest's id
+        pa.field("id", pa.string(), nullable=False),  # absolute path (folders) or the manifest's id
         pa.field("path", pa.string(), nullable=False),  # absolute path of the file
         pa.field("source", pa.string(), nullable=False),  # the folder or manifest it was indexed from
         pa.field("content_hash", pa.string(), nullable=False),  # blake2b-128 of the file's bytes
@@ -51,7 +54,7 @@ def images_schema(info: EncoderInfo) -> pa.Schema:
     ], metadata=_metadata(info))
 
 
-def captions_schema(info: EncoderInfo) -> pa.Schema:
+def captions_schema(info: "EncoderInfo") -> pa.Schema:
     """The captions table: one row per caption of an indexed image."""
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),  # "<image id>#<k>"
@@ -61,7 +64,7 @@ def captions_schema(info: EncoderInfo) -> pa.Schema:
     ], metadata=_metadata(info))
 
 
-def _metadata(info: EncoderInfo) -> dict[bytes, bytes]:
+def _metadata(info: "EncoderInfo") -> dict[bytes, bytes]:
     return {ENCODER_KEY: json.dumps(info.as_dict(), sort_keys=True).encode(), STORE_VERSION_KEY: STORE_VERSION}
 
 
@@ -121,7 +124,7 @@ class Database:
             raise StoreError(f"no collection {name!r} in {self.path} (collections: {have})")
         return Collection(self, name)
 
-    def open_or_create(self, name: str, *, info: EncoderInfo) -> "Collection":
+    def open_or_create(self, name: str, *, info: "EncoderInfo") -> "Collection":
         """Open ``name``, refusing another encoder, or create it for ``info``."""
         check_name(name)
         if name in self.collections():
@@ -150,15 +153,17 @@ class Collection:
             database.db.create_table(f"{name}__captions", schema=captions_schema(self.encoder_info()))
         self.captions = database.db.open_table(f"{name}__captions")
 
-    def encoder_info(self) -> EncoderInfo:
+    def encoder_info(self) -> "EncoderInfo":
         """The encoder recorded in the images table's schema metadata."""
         meta = self.images.schema.metadata or {}
         if ENCODER_KEY not in meta:
             raise StoreError(f"{self.database.path}/{self.name}: not a clipdex collection (no encoder recorded)")
+        from clipdex.retrieval.encoder import EncoderInfo
+
         d = json.loads(meta[ENCODER_KEY])
         return EncoderInfo(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
-    def check_encoder(self, info: EncoderInfo, *, action: str = "query") -> None:
+    def check_encoder(self, info: "EncoderInfo", *, action: str = "query") -> None:
         """Refuse ``info`` unless it is the encoder that filled this collection."""
         have = self.encoder_info()
         if have != info:

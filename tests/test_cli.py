@@ -13,7 +13,7 @@ KEYS = {"recall@1", "recall@5", "recall@10"}
 
 def test_help_teaches():
     out = run_cli("--help").stdout
-    for word in ("world", "train", "eval", "models", "demo", "examples:"):
+    for word in ("world", "train", "eval", "models", "demo", "index", "search", "collections", "examples:"):
         assert word in out
     assert "--time-budget" in run_cli("train", "--help").stdout
 
@@ -56,6 +56,9 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     t2i = [e for e in out["examples"] if e["direction"] == "text->image"]
     assert sum(e["results"][0]["hit"] for e in t2i) >= 2  # held-out captions find their own image first
     assert (tmp_path / "w" / "manifest.parquet").exists()
+    assert out["index"]["counts"]["images_in_collection"] == 104  # 100 corpus scenes + 4 landmarks, indexed
+    again = json.loads(run_cli("demo", "--dir", str(tmp_path / "w"), "--gallery", "100", "--json").stdout)
+    assert again["index"]["counts"]["indexed"] == 0 and again["recall"] == out["recall"]  # re-uses the collection
 
 
 @pytest.mark.slow
