@@ -73,15 +73,15 @@ def encoder_only(*, model: str, folder: Path, batch_size: int, warmup: int) -> d
     """Pre-decode every image of ``folder``, then time ``encode_image_tensors`` over the batches."""
     import torch
 
-    from clipdex.indexer.decode import decoded_batches
+    from clipdex.indexer.decode import DecodePool
     from clipdex.indexer.reader import read_folder
     from clipdex.retrieval.encoder import load_encoder
 
     enc = load_encoder(model)
     items = read_folder(folder).items
     t0 = time.perf_counter()
-    batches = [b["pixels"] for b in decoded_batches(items, enc.preprocess, batch_size=batch_size, workers=0,
-                                                     draft_size=enc.info.image_size) if b["pixels"] is not None]
+    batches = [b["pixels"] for b in DecodePool(0).batches(items, enc.preprocess, batch_size=batch_size,
+                                                          draft_size=enc.info.image_size) if b["pixels"] is not None]
     decode_s = time.perf_counter() - t0
     n = sum(len(b) for b in batches)
     enc.encode_image_tensors(batches[0][:warmup]).cpu().numpy()  # warm-up (a slice: a full ViT batch costs ~30 s)

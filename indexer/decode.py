@@ -1,4 +1,4 @@
-"""Decode stage: file bytes -> content hash, size and a preprocessed tensor, in DataLoader worker processes.
+"""Decode stage: file bytes -> content hash, size and a preprocessed tensor, in worker processes.
 
 A file that cannot be decoded (corrupt, truncated, not an image, a decompression bomb) comes back as an
 error with its reason instead of a tensor; the batch goes on without it.
@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+import logging
+import multiprocessing as mp_context
+import sys
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
 from PIL import Image, ImageOps
 
 from clipdex.indexer.reader import SourceItem
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs (PIL's default is 89M)
 
@@ -103,18 +110,96 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
-def _worker_init(_: int) -> None:
+def _init_worker() -> None:
     torch.set_num_threads(1)  # decoding workers should not fight the encoder for cores
+    import open_clip  # noqa: F401 - the transforms unpickle from it: import it while the parent loads the model
 
 
-def decoded_batches(items: Sequence[SourceItem], transform: Callable, *, batch_size: int, workers: int,
-                    max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
-    """Yield collated batches of ``items`` in order, decoded by ``workers`` processes (0: in this process)."""
-    loader = torch.utils.data.DataLoader(
-        DecodeItems(items, transform, max_pixels=max_pixels, draft_size=draft_size), batch_size=batch_size,
-        num_workers=workers, shuffle=False, collate_fn=collate, worker_init_fn=_worker_init if workers else None,
-        pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers else None,
-        persistent_workers=False,
-        # not fork: LanceDB's runtime threads do not survive fork() safely
-        multiprocessing_context="forkserver" if workers else None)
-    yield from loader
+def _decode_chunk(items: list[SourceItem], start: int, transform: Callable, max_pixels: int,
+                  draft_size: int | None) -> dict:
+    ds = DecodeItems(items, transform, max_pixels=max_pixels, draft_size=draft_size)
+    batch = collate([ds[i] for i in range(len(items))])
+    batch["pos"] = [start + p for p in batch["pos"]]
+    batch["errors"] = [(start + p, r) for p, r in batch["errors"]]
+    return batch
+
+
+class DecodePool:
+    """Decoding processes, started before the model loads and the store opens, so they are ready (and
+    forked from a small process) when the first batch is wanted. A batch that takes longer than
+    ``timeout`` seconds is retried file by file in a fresh pool, so one file that hangs the decoder is
+    reported as failed instead of stopping the run.
+    """
+
+    def __init__(self, workers: int, *, timeout: float = 120.0):
+        import torch.multiprocessing as mp  # tensors travel through shared memory
+
+        self.workers = workers
+        self.timeout = timeout
+        self._mp = mp
+        self.pool = self._start() if workers else None
+
+    def _start(self):
+        # fork is instant, but LanceDB's runtime threads do not survive it: fork only before LanceDB loads
+        method = "forkserver" if "lancedb" in sys.modules else "fork"
+        return self._mp.get_context(method).Pool(self.workers, initializer=_init_worker)
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def __enter__(self) -> "DecodePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def batches(self, items: Sequence[SourceItem], transform: Callable, *, batch_size: int,
+                max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, prefetch: int = 4):
+        """Yield collated batches of ``items`` in order (decoded in this process when there are no workers)."""
+        items = list(items)
+        starts = range(0, len(items), batch_size)
+        if self.pool is None:
+            for a in starts:
+                yield _decode_chunk(items[a:a + batch_size], a, transform, max_pixels, draft_size)
+            return
+        args = lambda a, n=batch_size: (items[a:a + n], a, transform, max_pixels, draft_size)  # noqa: E731
+        pending: deque = deque()
+        todo = iter(starts)
+        for a in itertools.islice(todo, self.workers * prefetch):
+            pending.append((a, self.pool.apply_async(_decode_chunk, args(a))))
+        while pending:
+            a, result = pending.popleft()
+            try:
+                yield result.get(timeout=self.timeout)
+            except mp_context.TimeoutError:
+                yield self._one_by_one(items[a:a + batch_size], a, args)
+                pending = deque((b, self.pool.apply_async(_decode_chunk, args(b))) for b, _ in pending)
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, self.pool.apply_async(_decode_chunk, args(nxt))))
+
+    def _one_by_one(self, chunk: list[SourceItem], start: int, args) -> dict:
+        """After a timeout: a fresh pool, each file of the batch alone; a file that still hangs fails."""
+        logger.warning("decoding a batch took over %.0f s; retrying its %d files one by one", self.timeout, len(chunk))
+        self.close()
+        self.pool = self._start()
+        parts = []
+        for k in range(len(chunk)):
+            try:
+                parts.append(self.pool.apply_async(_decode_chunk, args(start + k, 1)).get(timeout=self.timeout))
+            except mp_context.TimeoutError:
+                parts.append({"pos": [], "pixels": None, "hash": [], "width": [], "height": [], "count": 1,
+                              "errors": [(start + k, f"decoding took over {self.timeout:.0f} s (skipped)")],
+                              "decode_seconds": self.timeout})
+                self.close()
+                self.pool = self._start()
+        ok = [p for p in parts if p["pixels"] is not None]
+        return {"pos": [i for p in ok for i in p["pos"]],
+                "pixels": torch.cat([p["pixels"] for p in ok]) if ok else None,
+                "hash": [h for p in ok for h in p["hash"]], "width": [w for p in ok for w in p["width"]],
+                "height": [h for p in ok for h in p["height"]], "errors": [e for p in parts for e in p["errors"]],
+                "decode_seconds": sum(p["decode_seconds"] for p in parts), "count": len(chunk)}

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clipdex.indexer.decode import DEFAULT_MAX_PIXELS, decoded_batches, hash_file
+from clipdex.indexer.decode import DEFAULT_MAX_PIXELS, DecodePool, hash_file
 from clipdex.indexer.embed import Embedder
 from clipdex.indexer.reader import SourceItem, SourceListing, read_source
 from clipdex.indexer.writer import StoreWriter
@@ -38,6 +38,7 @@ class IndexSettings:
     flush_rows: images per LanceDB append (large appends, few fragments).
     rehash: hash every file, not only those whose size or mtime changed.
     max_pixels: larger images are skipped as decompression bombs.
+    decode_timeout: a batch slower than this is retried file by file; a file that still hangs is skipped.
     """
 
     source: str
@@ -52,6 +53,7 @@ class IndexSettings:
     flush_rows: int = 4096
     rehash: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_timeout: float = 120.0  # seconds a batch may take before its files are retried one by one
     build_index: bool = True
     index: IndexConfig = field(default_factory=IndexConfig)
 
@@ -116,15 +118,23 @@ def _check_id_clash(collection: Collection, source: str, todo: list[SourceItem])
 
 def run_index(settings: IndexSettings, *, progress: bool = True) -> dict:
     """Index ``settings.source`` into the collection; returns the JSON summary (counts, timings, failures)."""
-    from tqdm import tqdm
-
-    from clipdex.retrieval.encoder import load_encoder
     from clipdex.retrieval.images import default_workers
     from clipdex.retrieval.spec import parse_model_spec
 
     t_start = time.perf_counter()
     parse_model_spec(settings.model)  # a mistyped spec fails before any work
+    workers = default_workers() if settings.workers is None else settings.workers
+    with DecodePool(workers, timeout=settings.decode_timeout) as pool:  # started first: ready when needed
+        return _run(settings, pool, progress=progress, t_start=t_start)
+
+
+def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float) -> dict:
+    from tqdm import tqdm
+
+    from clipdex.retrieval.encoder import load_encoder
+
     times: dict[str, float] = {}
+    workers = pool.workers
 
     t0 = time.perf_counter()
     listing = read_source(settings.source, split=settings.split)
@@ -145,7 +155,6 @@ def run_index(settings: IndexSettings, *, progress: bool = True) -> dict:
         collection.images.update(where=sql_in("id", [row_id]), values={"mtime": mtime})
     times["plan"] = time.perf_counter() - t0
 
-    workers = default_workers() if settings.workers is None else settings.workers
     embedder = Embedder(encoder)
     writer = StoreWriter(collection, source=listing.source, flush_rows=settings.flush_rows)
     failures = [{"path": p, "reason": r} for p, r in listing.missing]
@@ -154,8 +163,8 @@ def run_index(settings: IndexSettings, *, progress: bool = True) -> dict:
     bar = tqdm(total=len(plan.todo), unit="img", desc=f"indexing into {settings.collection}",
                disable=not progress or not plan.todo, dynamic_ncols=True)
     try:
-        batches = [] if not plan.todo else decoded_batches(plan.todo, encoder.preprocess, batch_size=settings.batch_size, workers=workers,
-                                  max_pixels=settings.max_pixels, draft_size=encoder.info.image_size)
+        batches = pool.batches(plan.todo, encoder.preprocess, batch_size=settings.batch_size,
+                               max_pixels=settings.max_pixels, draft_size=encoder.info.image_size)
         t_wait = time.perf_counter()
         for batch in batches:
             wait += time.perf_counter() - t_wait

@@ -169,13 +169,17 @@ class DualEncoder:
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 512) -> np.ndarray:
         """Embed texts with open_clip's tokenizer; returns (N, D) float32, L2-normalised."""
-        out = []
+        if not len(texts):
+            return np.zeros((0, self.info.embed_dim), np.float32)
+        tokens = self.tokenizer(list(texts))
+        order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # similar lengths share a batch: less padding
+        out = np.zeros((len(texts), self.info.embed_dim), np.float32)
         for i in range(0, len(texts), batch_size):
-            tokens = self.tokenizer(list(texts[i:i + batch_size])).to(self.device)
+            idx = order[i:i + batch_size]
             with autocast(self.device, self.precision):
-                feats = encode_text_trimmed(self.model, tokens)
-            out.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.info.embed_dim), np.float32)
+                feats = encode_text_trimmed(self.model, tokens[idx].to(self.device))
+            out[idx.numpy()] = F.normalize(feats.float(), dim=-1).cpu().numpy()
+        return out
 
 
 def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

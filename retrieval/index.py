@@ -36,7 +36,7 @@ class IndexConfig:
     exact_threshold: at or below this many vectors, exact search (``Flat``): perfect recall, cost linear in
         the collection (about 1 ms per 10k 256-d vectors on one core).
     factory: the FAISS index-factory string used above the threshold; ``{nlist}`` is filled with
-        ``4 * sqrt(N)`` lists. ``IVF{nlist},Flat`` keeps full vectors (high recall, memory = 4*D bytes per
+        ``4 * sqrt(N)`` lists (at most N / 39). ``IVF{nlist},Flat`` keeps full vectors (high recall, memory = 4*D bytes per
         vector); ``IVF{nlist},PQ32`` would trade recall for 8x less memory; ``HNSW32`` needs no training
         but builds slowly on few cores.
     nprobe: lists visited per query (higher: better recall, slower).
@@ -54,7 +54,8 @@ class IndexConfig:
         """The factory string for a table of ``n`` vectors."""
         if n <= self.exact_threshold:
             return "Flat"
-        return self.factory.format(nlist=max(16, int(4 * math.sqrt(n))))
+        # 4 sqrt(N) lists, but at least 39 training points per list (FAISS's minimum for stable k-means)
+        return self.factory.format(nlist=max(1, min(int(4 * math.sqrt(n)), n // 39)))
 
 
 def gpu_available() -> bool:
@@ -72,9 +73,13 @@ def build_faiss(vectors: np.ndarray, *, config: IndexConfig = IndexConfig(), see
     factory = config.factory_for(n)
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
+        try:
+            lists = faiss.extract_index_ivf(index).nlist
+        except RuntimeError:  # not an IVF index: FAISS subsamples on its own
+            lists = n // 64
         rng = np.random.default_rng(seed)
-        sample = vectors[rng.choice(n, size=min(n, 256 * int(4 * math.sqrt(n))), replace=False)]
-        index.train(sample)
+        sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * max(lists, 1)), replace=False))]
+        index.train(sample)  # 64 points per list: FAISS's k-means is stable from 39 and subsamples above 256
     index.add(vectors)
     _set_nprobe(index, config.nprobe)
     return index, factory
@@ -106,7 +111,8 @@ def to_gpu(index, *, use_gpu: bool = True):
 
 
 def recall_vs_exact(index, vectors: np.ndarray, *, sample: int = 500, k: int = 10, seed: int = 0) -> float:
-    """Recall@k of ``index`` against exact inner-product search, with ``sample`` collection vectors as queries."""
+    """Recall@k of ``index`` against exact inner-product search, with ``sample`` collection vectors as queries
+    (each query is itself in the collection, which flatters recall slightly: one of its k is easy)."""
     import faiss
 
     rng = np.random.default_rng(seed)
@@ -118,6 +124,9 @@ def recall_vs_exact(index, vectors: np.ndarray, *, sample: int = 500, k: int = 1
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got)]))
 
 
+SINGLE_THREAD_BELOW = 200_000  # one query over fewer vectors than this is faster on one FAISS thread
+
+
 @dataclass
 class LoadedIndex:
     """A FAISS index with the rows its positions stand for."""
@@ -126,9 +135,27 @@ class LoadedIndex:
     rows: pa.Table  # id and the display column, in FAISS order
     sidecar: dict
 
+    def __post_init__(self) -> None:
+        # plain lists: a hit's id and path are then one list lookup each, not an Arrow scalar conversion
+        self.columns = {c: self.rows[c].to_pylist() for c in self.rows.column_names}
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, positions), each (Q, k); positions are -1 where fewer than k rows exist."""
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        """(scores, positions), each (Q, k); positions are -1 where fewer than k rows exist.
+
+        A single query over a small index runs on one FAISS thread: waking OpenMP threads costs more than
+        the scan, and FAISS's OpenMP runtime would spin against torch's (each wheel bundles its own).
+        """
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(queries) == 1 and self.index.ntotal < SINGLE_THREAD_BELOW:
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                return self.index.search(queries, k)
+            finally:
+                faiss.omp_set_num_threads(threads)
+        return self.index.search(queries, k)
 
 
 def _paths(db_dir: Path, collection: str, table: str) -> dict[str, Path]:
