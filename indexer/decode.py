@@ -142,7 +142,10 @@ class DecodePool:
     def _start(self):
         # fork is instant, but LanceDB's runtime threads do not survive it: fork only before LanceDB loads
         method = "forkserver" if "lancedb" in sys.modules else "fork"
-        return self._mp.get_context(method).Pool(self.workers, initializer=_init_worker)
+        ctx = self._mp.get_context(method)
+        if method == "forkserver":  # the server imports these once; each worker forks from it ready to decode
+            ctx.set_forkserver_preload(["clipdex.indexer.decode", "open_clip"])
+        return ctx.Pool(self.workers, initializer=_init_worker)
 
     def close(self) -> None:
         """Stop the worker processes."""
