@@ -248,3 +248,31 @@ def test_two_collections_in_one_db(photo_folder, tiny_world, tmp_path):
     assert {c["collection"]: c["images"] for c in listed} == {"photos": 30, "world": 64}  # 60 corpus scenes + 4 landmarks
     p = run_cli("index", str(root), "--db", str(db), "--collection", "bad name!", check=False)
     assert p.returncode == 1 and "bad collection name" in p.stderr
+
+
+def test_every_format_and_exif_orientation(tiny_world, tmp_path):
+    """WebP, GIF (first frame), BMP, TIFF, PNG and JPEG are indexed; EXIF orientation is applied first."""
+    from PIL import Image
+
+    from clipdex.data_manifests.pairs import load_pairs
+    from clipdex.indexer.runner import IndexSettings, run_index
+    from clipdex.retrieval.search import open_collection
+
+    pairs = load_pairs(tiny_world, split="test")
+    root = tmp_path / "formats"
+    root.mkdir()
+    src = [Image.open(p).convert("RGB") for p in pairs.paths[:6]]
+    for im, ext in zip(src, ["webp", "gif", "bmp", "tiff", "png", "jpg"]):
+        im.save(root / f"img.{ext}")
+    wide = src[0].resize((96, 48))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned a quarter
+    wide.save(root / "rotated.jpg", exif=exif)
+    s = run_index(IndexSettings(source=str(root), db=str(tmp_path / "db"), workers=1), progress=False)
+    assert s["counts"]["indexed"] == 7 and s["failures"] == []
+    col = open_collection(tmp_path / "db")
+    t = col.collection.images.search().select(["path", "width", "height"]).limit(None).to_arrow().to_pylist()
+    size = {Path(r["path"]).name: (r["width"], r["height"]) for r in t}
+    assert size["rotated.jpg"] == (48, 96)
+    for ext in ["webp", "gif", "bmp", "tiff", "png"]:  # each file is found by its own picture
+        assert col.search_image(root / f"img.{ext}", k=1)[0].path.endswith(f"img.{ext}")
