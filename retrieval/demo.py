@@ -73,7 +73,8 @@ def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str,
     print(f"\nclipdex demo: model {model}; collection {DEMO_COLLECTION!r} in {db}: {c['images_in_collection']} "
           f"images, {c['captions_in_collection']} captions of the built-in world (scenes the model never saw)")
     if c["indexed"]:
-        print(f"indexed {c['indexed']} images at {summary['images_per_s']:.0f} images/s")
+        print(f"indexed {c['indexed']} images and their {c['captions_in_collection']} captions in "
+              f"{summary['seconds']['index_loop']:.0f} s ({summary['images_per_s']:.0f} images/s with captions)")
     else:
         print(f"already indexed ({c['unchanged']} unchanged)")
     print()
