@@ -54,7 +54,23 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
             w, h = h, w
         im.load()
         im = ImageOps.exif_transpose(im)
-        return im.convert("RGB"), w, h
+        return _to_8bit(im).convert("RGB"), w, h
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale images scaled into 0-255 (PIL's convert would clip them)."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    import numpy as np
+
+    a = np.asarray(im, dtype=np.float32)
+    if im.mode.startswith("I;16"):
+        a = a / 257.0
+    elif im.mode == "F" and a.size and float(a.max()) <= 1.0:
+        a = a * 255.0
+    elif a.size and float(a.max()) > 255.0:
+        a = a * (255.0 / float(a.max()))
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L")
 
 
 class DecodeItems(torch.utils.data.Dataset):
@@ -127,11 +143,11 @@ def _decode_chunk(items: list[SourceItem], start: int, transform: Callable, max_
 class DecodePool:
     """Decoding processes, started before the model loads and the store opens, so they are ready (and
     forked from a small process) when the first batch is wanted. A batch that takes longer than
-    ``timeout`` seconds is retried file by file in a fresh pool, so one file that hangs the decoder is
+    ``timeout`` seconds per file is retried file by file in a fresh pool, so one file that hangs the decoder is
     reported as failed instead of stopping the run.
     """
 
-    def __init__(self, workers: int, *, timeout: float = 120.0):
+    def __init__(self, workers: int, *, timeout: float = 10.0):
         import torch.multiprocessing as mp  # tensors travel through shared memory
 
         self.workers = workers
@@ -161,7 +177,7 @@ class DecodePool:
         self.close()
 
     def batches(self, items: Sequence[SourceItem], transform: Callable, *, batch_size: int,
-                max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, prefetch: int = 4):
+                max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, prefetch: int = 2):
         """Yield collated batches of ``items`` in order (decoded in this process when there are no workers)."""
         items = list(items)
         starts = range(0, len(items), batch_size)
@@ -177,7 +193,7 @@ class DecodePool:
         while pending:
             a, result = pending.popleft()
             try:
-                yield result.get(timeout=self.timeout)
+                yield result.get(timeout=self.timeout * batch_size + 30)
             except mp_context.TimeoutError:
                 yield self._one_by_one(items[a:a + batch_size], a, args)
                 pending = deque((b, self.pool.apply_async(_decode_chunk, args(b))) for b, _ in pending)
@@ -187,13 +203,13 @@ class DecodePool:
 
     def _one_by_one(self, chunk: list[SourceItem], start: int, args) -> dict:
         """After a timeout: a fresh pool, each file of the batch alone; a file that still hangs fails."""
-        logger.warning("decoding a batch took over %.0f s; retrying its %d files one by one", self.timeout, len(chunk))
+        logger.warning("decoding a batch of %d files timed out; retrying them one by one", len(chunk))
         self.close()
         self.pool = self._start()
         parts = []
         for k in range(len(chunk)):
             try:
-                parts.append(self.pool.apply_async(_decode_chunk, args(start + k, 1)).get(timeout=self.timeout))
+                parts.append(self.pool.apply_async(_decode_chunk, args(start + k, 1)).get(timeout=self.timeout + 30))
             except mp_context.TimeoutError:
                 parts.append({"pos": [], "pixels": None, "hash": [], "width": [], "height": [], "count": 1,
                               "errors": [(start + k, f"decoding took over {self.timeout:.0f} s (skipped)")],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,22 +31,33 @@ class SourceListing:
     source: str  # recorded with every row: deletions only touch rows of the same source
     items: list[SourceItem]
     ignored: int = 0  # files that are not images (by suffix)
-    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) for files that are not there
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed but not indexable
 
 
 def _stat(path: str) -> tuple[int, float] | None:
+    """(size, mtime) of a regular file; None for anything else (gone, a FIFO, a device)."""
     try:
         st = os.stat(path)
     except OSError:
         return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
     return st.st_size, st.st_mtime
+
+
+def _bad_name(path: str) -> str | None:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8 (rename the file to index it)"
+    return None
 
 
 def read_folder(root: str | Path) -> SourceListing:
     """Every image file under ``root`` (recursively, sorted); a file's id is its absolute path, so folders
     indexed into one collection never clash."""
     root = Path(root).resolve()
-    items, ignored = [], 0
+    items, ignored, skipped = [], 0, []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -55,11 +67,13 @@ def read_folder(root: str | Path) -> SourceListing:
             if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
                 ignored += 1
                 continue
-            st = _stat(path)
-            if st is None:
-                continue  # vanished while walking
+            bad = _bad_name(path)
+            st = None if bad else _stat(path)
+            if bad or st is None:
+                skipped.append((path.encode("utf-8", "replace").decode(), bad or "not a regular file (or gone)"))
+                continue
             items.append(SourceItem(id=path, path=path, size=st[0], mtime=st[1]))
-    return SourceListing(source=str(root), items=items, ignored=ignored)
+    return SourceListing(source=str(root), items=items, ignored=ignored, missing=skipped)
 
 
 def read_manifest(manifest: str | Path, *, split: str | None = None) -> SourceListing:
@@ -93,6 +107,10 @@ def _paths_only(manifest: Path, *, split: str | None):
     from clipdex.data_manifests.pairs import Pairs, read_table
 
     t = read_table(manifest)
+    if "path" not in t.column_names:
+        raise ManifestError(f"{manifest}: no 'path' column (columns: {sorted(t.column_names)})")
+    if split is not None and "split" not in t.column_names:
+        raise ManifestError(f"{manifest}: --split {split!r} given but the manifest has no 'split' column")
     if split is not None:
         import pyarrow.compute as pc
 

@@ -23,7 +23,7 @@ from clipdex.indexer.reader import SourceItem, SourceListing, read_source
 from clipdex.indexer.writer import StoreWriter
 from clipdex.retrieval.exceptions import StoreError
 from clipdex.retrieval.index import IndexConfig, load_for
-from clipdex.retrieval.store import DEFAULT_COLLECTION, DEFAULT_DB, Collection, Database, sql_in
+from clipdex.retrieval.store import DEFAULT_COLLECTION, DEFAULT_DB, Collection, Database
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class IndexSettings:
     flush_rows: images per LanceDB append (large appends, few fragments).
     rehash: hash every file, not only those whose size or mtime changed.
     max_pixels: larger images are skipped as decompression bombs.
-    decode_timeout: a batch slower than this is retried file by file; a file that still hangs is skipped.
+    decode_timeout: a batch slower than this per file is retried file by file; a file that hangs is skipped.
     """
 
     source: str
@@ -53,7 +53,7 @@ class IndexSettings:
     flush_rows: int = 4096
     rehash: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_timeout: float = 120.0  # seconds a batch may take before its files are retried one by one
+    decode_timeout: float = 10.0  # seconds per file a batch may take before its files are retried one by one
     build_index: bool = True
     index: IndexConfig = field(default_factory=IndexConfig)
 
@@ -66,41 +66,42 @@ class Plan:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
-    touched: list[tuple[str, float]] = field(default_factory=list)  # same content, new mtime: (id, mtime)
-    remove: list[str] = field(default_factory=list)  # ids to drop (deleted or changed files)
+    touched: list[tuple[str, float, int]] = field(default_factory=list)  # same content, new (mtime, size)
+    replace: set[str] = field(default_factory=set)  # ids of changed files: old rows go when the new are written
+    remove: list[str] = field(default_factory=list)  # ids of files no longer in the source
     removed: int = 0
 
 
 def plan_run(collection: Collection, listing: SourceListing, *, rehash: bool = False) -> Plan:
-    """Compare a source listing with what ``collection`` holds from that source."""
+    """Compare a source listing with what ``collection`` holds from that source (by id)."""
     existing = collection.existing(listing.source)
     plan = Plan(todo=[])
-    seen = set()
+    listed = set()
     for item in listing.items:
-        seen.add(item.path)
-        row = existing.get(item.path)
+        listed.add(item.id)
+        row = existing.get(item.id)
         if row is None:
             plan.todo.append(item)
             plan.new += 1
             continue
-        if not rehash and row.size == item.size and row.mtime == item.mtime and row.id == item.id:
+        same_entry = row.path == item.path and row.captions == tuple(item.captions)
+        if same_entry and not rehash and row.size == item.size and row.mtime == item.mtime:
             plan.unchanged += 1
             continue
         try:
-            same = hash_file(item.path) == row.content_hash and row.id == item.id
+            same = same_entry and hash_file(item.path) == row.content_hash
         except OSError:
             same = False
         if same:
             plan.unchanged += 1
-            if row.mtime != item.mtime:
-                plan.touched.append((row.id, item.mtime))
+            if (row.mtime, row.size) != (item.mtime, item.size):
+                plan.touched.append((row.id, item.mtime, item.size))
         else:
             plan.todo.append(item)
-            plan.remove.append(row.id)
+            plan.replace.add(row.id)
             plan.changed += 1
-    gone = [row.id for path, row in existing.items() if path not in seen]
-    plan.remove += gone
-    plan.removed = len(gone)
+    plan.remove = [i for i in existing if i not in listed]
+    plan.removed = len(plan.remove)
     _check_id_clash(collection, listing.source, plan.todo)
     return plan
 
@@ -151,12 +152,11 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
     plan = plan_run(collection, listing, rehash=settings.rehash)
     if plan.remove:
         collection.delete_images(plan.remove)
-    for row_id, mtime in plan.touched:
-        collection.images.update(where=sql_in("id", [row_id]), values={"mtime": mtime})
+    collection.touch(plan.touched)
     times["plan"] = time.perf_counter() - t0
 
     embedder = Embedder(encoder)
-    writer = StoreWriter(collection, source=listing.source, flush_rows=settings.flush_rows)
+    writer = StoreWriter(collection, source=listing.source, flush_rows=settings.flush_rows, replace=plan.replace)
     failures = [{"path": p, "reason": r} for p, r in listing.missing]
     decode_cpu = wait = 0.0
     t_loop = time.perf_counter()
@@ -188,7 +188,7 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
     loop_s = time.perf_counter() - t_loop
 
     t0 = time.perf_counter()
-    if writer.written or plan.remove:
+    if writer.written or plan.remove or plan.touched:
         collection.compact()
     times["compact"] = time.perf_counter() - t0
     indexes = {}

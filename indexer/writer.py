@@ -19,8 +19,10 @@ def _vectors(rows: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
 class StoreWriter:
     """Collects image rows (and their caption rows) and appends them every ``flush_rows`` images."""
 
-    def __init__(self, collection: Collection, *, source: str, flush_rows: int = 4096):
+    def __init__(self, collection: Collection, *, source: str, flush_rows: int = 4096,
+                 replace: set[str] | None = None):
         self.collection = collection
+        self.replace = replace or set()  # ids whose old rows are swapped out when their new rows are written
         self.source = source
         self.flush_rows = flush_rows
         self.dim = collection.encoder_info().embed_dim
@@ -46,7 +48,7 @@ class StoreWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Append what is buffered: captions first, then images (the commit point)."""
+        """Write what is buffered: old rows of changed files out, then captions, then images (the commit point)."""
         if not self._img:
             return
         t0 = time.perf_counter()
@@ -54,7 +56,7 @@ class StoreWriter:
         captions = None
         if self._cap:
             captions = pa.Table.from_pylist(self._cap).append_column("vector", _vectors(self._cap_vec, self.dim))
-        self.collection.append(images, captions)
+        self.collection.replace([r["id"] for r in self._img if r["id"] in self.replace], images, captions)
         self.written += len(self._img)
         self._img, self._img_vec, self._cap, self._cap_vec = [], [], [], []
         self.seconds += time.perf_counter() - t0

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -165,9 +166,12 @@ def _paths(db_dir: Path, collection: str, table: str) -> dict[str, Path]:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique: two builders never share a temp file
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 DISPLAY = {"images": ["id", "path"], "captions": ["id", "image_id", "text"]}
@@ -179,13 +183,23 @@ def build_for(collection, table: str, *, config: IndexConfig = IndexConfig()) ->
 
     t0 = time.perf_counter()
     version = collection.versions()[table]
+    fingerprint = collection.fingerprint(table)
     vectors, rows = collection.vectors(table, DISPLAY[table])
+    if table == "captions" and rows.num_rows:  # a killed run may leave captions whose image never landed
+        import pyarrow.compute as pc
+
+        owners = collection.images.search().select(["id"]).limit(None).to_arrow()["id"]
+        keep = pc.is_in(rows["image_id"], value_set=owners.combine_chunks() if owners.num_chunks else pa.array([], pa.string()))
+        if not pc.all(keep).as_py():
+            mask = keep.to_numpy(zero_copy_only=False)
+            vectors, rows = vectors[mask], rows.filter(keep)
     if len(vectors) == 0:
         index, factory = faiss.IndexFlatIP(collection.encoder_info().embed_dim), "Flat"
     else:
         index, factory = build_faiss(vectors, config=config)
     recall = 1.0 if factory == "Flat" else recall_vs_exact(index, vectors, sample=config.recall_sample)
-    sidecar = {"table": f"{collection.name}__{table}", "lance_version": version, "rows": int(len(vectors)),
+    sidecar = {"table": f"{collection.name}__{table}", "lance_version": version, "fingerprint": fingerprint,
+               "rows": int(len(vectors)),
                "factory": factory, "nprobe": config.nprobe if factory != "Flat" else None,
                "recall_at_10_vs_exact": recall, "build_seconds": round(time.perf_counter() - t0, 3),
                "config": asdict(config)}
@@ -209,8 +223,7 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
     paths = _paths(collection.database.path, collection.name, table)
     try:
         sidecar = json.loads(paths["sidecar"].read_text())
-        fresh = (sidecar["lance_version"] == collection.versions()[table]
-                 and sidecar["rows"] == getattr(collection, table).count_rows())
+        fresh = is_fresh(collection, table, sidecar, config=config)
     except (OSError, ValueError, KeyError):
         sidecar, fresh = None, False
     if not fresh:
@@ -226,5 +239,15 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
     except (OSError, RuntimeError, pa.ArrowException) as e:
         logger.warning("could not read %s (%s); rebuilding", paths["index"], e)
         return build_for(collection, table, config=config)
-    _set_nprobe(index, sidecar.get("nprobe") or config.nprobe)
+    if not (index.ntotal == rows.num_rows == sidecar["rows"]):  # files from two different builds
+        logger.warning("%s does not match its sidecar; rebuilding", paths["index"])
+        return build_for(collection, table, config=config)
+    _set_nprobe(index, config.nprobe)
     return LoadedIndex(to_gpu(index, use_gpu=config.use_gpu), rows, sidecar)
+
+
+def is_fresh(collection, table: str, sidecar: dict, *, config: IndexConfig = IndexConfig()) -> bool:
+    """Whether an index built as ``sidecar`` says still covers the table exactly, built as ``config`` asks."""
+    return (sidecar.get("fingerprint") == collection.fingerprint(table)
+            and sidecar["rows"] == getattr(collection, table).count_rows()
+            and sidecar["factory"] == config.factory_for(sidecar["rows"]))

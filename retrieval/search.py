@@ -50,7 +50,7 @@ def glob_to_like(pattern: str) -> str:
     """A shell glob on file paths as a SQL LIKE pattern; a relative glob matches at any depth."""
     out = []
     for ch in pattern:
-        out.append({"*": "%", "?": "_", "%": "\\%", "_": "\\_", "'": "''"}.get(ch, ch))
+        out.append({"*": "%", "?": "_", "%": "\\%", "_": "\\_", "\\": "\\\\", "'": "''"}.get(ch, ch))
     like = "".join(out)
     return like if pattern.startswith(("/", "*")) else "%/" + like
 
@@ -67,6 +67,7 @@ class SearchCollection:
         self._encoder = encoder
         self._model = model
         self._indexes: dict[str, LoadedIndex] = {}
+        self._checked: dict[str, float] = {}
         if encoder is not None:
             collection.check_encoder(encoder.info)
 
@@ -82,10 +83,22 @@ class SearchCollection:
         return self._encoder
 
     def index(self, table: str) -> LoadedIndex:
-        """The FAISS index of ``table`` ('images' or 'captions'), rebuilt first if stale."""
-        if table not in self._indexes:
-            self._indexes[table] = load_for(self.collection, table, config=self.index_config)
-        return self._indexes[table]
+        """The FAISS index of ``table`` ('images' or 'captions'), rebuilt first if stale. Whether the
+        table changed (another process indexing into it) is checked at most once per second."""
+        import time
+
+        from clipdex.retrieval.index import is_fresh
+
+        now = time.monotonic()
+        loaded = self._indexes.get(table)
+        if loaded is not None and now - self._checked.get(table, 0.0) > 1.0:
+            self._checked[table] = now
+            if not is_fresh(self.collection, table, loaded.sidecar, config=self.index_config):
+                loaded = None
+        if loaded is None:
+            loaded = self._indexes[table] = load_for(self.collection, table, config=self.index_config)
+            self._checked[table] = now
+        return loaded
 
     # --- queries -------------------------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:

@@ -90,9 +90,11 @@ class ExistingRow:
     """What the store knows of an indexed file, to decide whether it changed."""
 
     id: str
+    path: str
     content_hash: str
     size: int
     mtime: float
+    captions: tuple[str, ...]
 
 
 class Database:
@@ -178,11 +180,25 @@ class Collection:
         return self.images.count_rows()
 
     def existing(self, source: str) -> dict[str, ExistingRow]:
-        """Rows indexed from ``source``, by path."""
-        t = (self.images.search().where(f"source = {sql_quote(source)}")
-             .select(["id", "path", "content_hash", "size", "mtime"]).limit(None).to_arrow())
-        return {p: ExistingRow(i, h, s, m) for i, p, h, s, m in zip(*(t[c].to_pylist() for c in
-                ("id", "path", "content_hash", "size", "mtime")))}
+        """Rows indexed from ``source``, by id."""
+        cols = ["id", "path", "content_hash", "size", "mtime", "captions"]
+        t = self.images.search().where(f"source = {sql_quote(source)}").select(cols).limit(None).to_arrow()
+        return {i: ExistingRow(i, p, h, s, m, tuple(c or ())) for i, p, h, s, m, c in
+                zip(*(t[c].to_pylist() for c in cols))}
+
+    def touch(self, rows: list[tuple[str, float, int]]) -> None:
+        """Record new (mtime, size) for files whose content did not change, in one commit."""
+        if rows:
+            update = pa.table({"id": [r[0] for r in rows], "mtime": [float(r[1]) for r in rows],
+                               "size": pa.array([int(r[2]) for r in rows], pa.int64())})
+            self.images.merge_insert("id").when_matched_update_all().execute(update)
+
+    def replace(self, ids: list[str], images: pa.Table, captions: pa.Table | None) -> None:
+        """Swap in new rows for ``ids``: the old images and captions go, then the new ones are appended
+        (a crash in between leaves those files absent, and the next run adds them again)."""
+        if ids:
+            self.delete_images(ids)
+        self.append(images, captions)
 
     def append(self, images: pa.Table, captions: pa.Table | None) -> None:
         """Append rows: captions first, then their images (the commit point)."""
@@ -191,7 +207,7 @@ class Collection:
                 self.captions.add(captions.cast(self.captions.schema))
             if images.num_rows:
                 self.images.add(images.cast(self.images.schema))
-        except OSError as e:
+        except (OSError, RuntimeError, ValueError) as e:  # LanceDB reports I/O failures as several types
             raise StoreError(f"could not write to {self.database.path} (disk full?): {e}. Rows already "
                              "indexed are kept; run the same command again to go on.") from e
 
@@ -212,8 +228,18 @@ class Collection:
         return len(orphans)
 
     def versions(self) -> dict[str, int]:
-        """The current LanceDB version of each table (what a FAISS index records it covers)."""
+        """The latest LanceDB version of each table (what a FAISS index records it covers)."""
+        for t in (self.images, self.captions):
+            t.checkout_latest()  # a handle does not see other writers' commits by itself
         return {"images": int(self.images.version), "captions": int(self.captions.version)}
+
+    def fingerprint(self, table: str) -> str:
+        """The latest version of ``table`` and when it was written: a dropped and re-created table that
+        reaches the same version number still differs."""
+        t = getattr(self, table)
+        t.checkout_latest()
+        v = t.list_versions()[-1]
+        return f"{v['version']}@{v['timestamp'].isoformat()}"
 
     def vectors(self, table: str, columns: list[str]) -> tuple[np.ndarray, pa.Table]:
         """All vectors of ``table`` ('images' or 'captions') as (N, D) float32 with the asked columns."""

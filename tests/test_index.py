@@ -276,3 +276,53 @@ def test_every_format_and_exif_orientation(tiny_world, tmp_path):
     assert size["rotated.jpg"] == (48, 96)
     for ext in ["webp", "gif", "bmp", "tiff", "png"]:  # each file is found by its own picture
         assert col.search_image(root / f"img.{ext}", k=1)[0].path.endswith(f"img.{ext}")
+
+
+def test_manifest_rows_sharing_a_file_and_caption_edits(tiny_world, tmp_path):
+    """One file under several ids (a row per caption) stays stable; an edited caption is re-embedded."""
+    import pyarrow.csv as pcsv
+    import pyarrow as pa
+
+    from clipdex.data_manifests.pairs import load_pairs
+    from clipdex.indexer.runner import IndexSettings, run_index
+
+    pairs = load_pairs(tiny_world, split="test")
+    manifest = tmp_path / "pairs.csv"
+
+    def write(captions):
+        pcsv.write_csv(pa.table({"id": ["a", "b", "c"], "path": [str(pairs.paths[0])] * 2 + [str(pairs.paths[1])],
+                                 "caption": captions}), manifest)
+
+    settings = IndexSettings(source=str(manifest), db=str(tmp_path / "db"), collection="m", workers=0)
+    write(pairs.captions[0][:2] + pairs.captions[1][:1])
+    assert run_index(settings, progress=False)["counts"]["indexed"] == 3
+    again = run_index(settings, progress=False)["counts"]
+    assert (again["indexed"], again["unchanged"], again["images_in_collection"]) == (0, 3, 3)
+    write(pairs.captions[0][:2] + ["an edited caption"])
+    edited = run_index(settings, progress=False)["counts"]
+    assert (edited["changed"], edited["images_in_collection"], edited["captions_in_collection"]) == (1, 3, 3)
+    rows = _rows(tmp_path / "db", "m")
+    assert rows["images"][0] == ["a", "b", "c"] and rows["captions"][0] == ["a#0", "b#0", "c#0"]
+
+
+def test_unreadable_names_and_changed_files_that_break(tiny_world, tmp_path):
+    """A file name that is not UTF-8 is reported, not fatal; a changed file that no longer decodes keeps
+    its old row (nothing indexed is lost) and is reported."""
+    from clipdex.data_manifests.pairs import load_pairs
+    from clipdex.indexer.runner import IndexSettings, run_index
+
+    pairs = load_pairs(tiny_world, split="test")
+    root = tmp_path / "p"
+    root.mkdir()
+    for i in range(3):
+        shutil.copy(pairs.paths[i], root / f"ok{i}{pairs.paths[i].suffix}")
+    weird = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    shutil.copy(pairs.paths[3], weird)
+    settings = IndexSettings(source=str(root), db=str(tmp_path / "db"), workers=0)
+    s = run_index(settings, progress=False)
+    assert s["counts"]["indexed"] == 3 and "not valid UTF-8" in s["failures"][0]["reason"]
+    victim = root / f"ok0{pairs.paths[0].suffix}"
+    victim.write_bytes(b"now garbage")
+    s = run_index(settings, progress=False)
+    assert s["counts"]["changed"] == 1 and s["counts"]["images_in_collection"] == 3
+    assert any(f["path"] == str(victim) for f in s["failures"])

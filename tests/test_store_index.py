@@ -101,3 +101,26 @@ def test_trimmed_text_encoding_equals_open_clip():
         torch.testing.assert_close(encode_text_trimmed(m.model, tokens), m.model.encode_text(tokens),
                                    atol=1e-5, rtol=1e-5)
     assert int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # the fast path was taken
+
+
+def test_recreated_collection_is_not_served_an_old_index(tmp_path, info):
+    db = Database(tmp_path / "db", create=True)
+    x = _clustered(10)
+    col = db.open_or_create("c", info=info)
+    col.append(_rows([f"old{i}" for i in range(5)], x[:5]), None)
+    assert load_for(col, "images").columns["id"][0] == "old0"
+    db.db.drop_table("c__images")
+    db.db.drop_table("c__captions")
+    col = db.open_or_create("c", info=info)
+    col.append(_rows([f"new{i}" for i in range(5)], x[5:]), None)  # same version number, same row count
+    assert load_for(col, "images").columns["id"] == [f"new{i}" for i in range(5)]
+
+
+def test_orphan_captions_never_reach_the_index(tmp_path, info):
+    col = Database(tmp_path / "db", create=True).open_or_create("c", info=info)
+    x = _clustered(4)
+    caps = pa.table({"id": ["a#0", "ghost#0"], "image_id": ["a", "ghost"], "text": ["t", "u"],
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(x[:2].reshape(-1)), 32)})
+    col.append(_rows(["a"], x[2:3]), caps)  # 'ghost' is what a run killed between the two appends leaves
+    assert load_for(col, "captions").columns["id"] == ["a#0"]
+    assert col.reconcile() == 1 and col.captions.count_rows() == 1
