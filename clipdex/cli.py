@@ -22,6 +22,7 @@ examples:
   clipdex index worlds/demo/manifest.parquet --split corpus   # embed a collection
   clipdex search "a red circle left of a star"             # text -> image
   clipdex search --image photo.jpg --captions              # image -> text
+  clipdex app                                              # the Streamlit UI on 127.0.0.1:8501
   clipdex models                                           # built-in names and accepted spec forms
   clipdex demo                                             # the whole thing on the embedded default
 """
@@ -30,6 +31,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand registered."""
     # Imported here, not at module top, so `clipdex --help` stays fast and import has no side effects.
+    from clipdex.app import cli as app_cli
     from clipdex.data_manifests.world import cli as world_cli
     from clipdex.indexer import cli as indexer_cli
     from clipdex.retrieval import cli as retrieval_cli
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     world_cli.register(sub)
     indexer_cli.register(sub)
     retrieval_cli.register(sub)
+    app_cli.register(sub)
     return parser
 
 

@@ -13,7 +13,6 @@ import logging
 import multiprocessing as mp_context
 import sys
 import time
-import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -38,23 +37,30 @@ def hash_file(path: str) -> str:
         return content_hash(f.read())
 
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # PIL never hands other bytes to other
+# decoders (EPS, for one, would run Ghostscript)
+
+
 def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, int, int]:
-    """Bytes -> RGB PIL image with EXIF orientation applied, plus its (width, height) before any reduction."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
-        if im.width * im.height > max_pixels:
-            raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels is over the {max_pixels} limit")
-        im.seek(0)  # GIF, TIFF: the first frame
-        w, h = im.size
-        if draft_size and im.format == "JPEG":
-            im.draft("RGB", (draft_size, draft_size))  # decode a reduced JPEG when it is far bigger than needed
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter
-            w, h = h, w
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        return _to_8bit(im).convert("RGB"), w, h
+    """Bytes -> RGB PIL image with EXIF orientation applied, plus its (width, height) before any reduction.
+
+    Only the formats in ``IMAGE_FORMATS`` are opened. An image of more than ``max_pixels`` pixels is refused
+    as a decompression bomb from its header, before any pixel is decoded (PIL's own process-wide limit is
+    switched off so that callers with different limits, e.g. threads of the app, never race on it).
+    """
+    Image.MAX_IMAGE_PIXELS = None  # idempotent: the limit below is per call
+    im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    if im.width * im.height > max_pixels:
+        raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels is over the {max_pixels} limit")
+    im.seek(0)  # GIF, TIFF: the first frame
+    w, h = im.size
+    if draft_size and im.format == "JPEG":
+        im.draft("RGB", (draft_size, draft_size))  # decode a reduced JPEG when it is far bigger than needed
+    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter
+        w, h = h, w
+    im.load()
+    im = ImageOps.exif_transpose(im)
+    return _to_8bit(im).convert("RGB"), w, h
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
@@ -103,7 +109,7 @@ class DecodeItems(torch.utils.data.Dataset):
             out["error"] = "file not found (deleted while indexing?)"
         except Image.UnidentifiedImageError:
             out["error"] = "not an image (unidentified format)"
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as e:
+        except (OSError, ValueError, SyntaxError, EOFError) as e:
             out["error"] = f"cannot decode: {e}"
         except Exception as e:  # noqa: BLE001 - one bad file must never stop the run
             out["error"] = f"cannot decode ({type(e).__name__}): {e}"

@@ -32,3 +32,14 @@ def run_cli(*args: str, check: bool = True, timeout: float = 300, cwd: Path | No
     if check and proc.returncode != 0:
         raise AssertionError(f"clipdex {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def app_db(tiny_world, tmp_path_factory) -> Path:
+    """The tiny world's corpus split (64 images, 5 captions each) indexed into collection ``world`` of a fresh
+    database, for the app's tests; returns the database folder."""
+    from clipdex.indexer.runner import IndexSettings, run_index
+
+    db = tmp_path_factory.mktemp("app") / "db"
+    run_index(IndexSettings(source=str(tiny_world), split="corpus", db=str(db), collection="world"), progress=False)
+    return db

@@ -1,0 +1,174 @@
+"""What the pages share, loaded once per process with Streamlit's caches: the encoder, each collection
+opened for search with its FAISS indexes, thumbnails, the index jobs. Nothing here draws, except the
+spinners Streamlit shows while a cache fills.
+
+A collection is cached under its LanceDB table versions, so rows added by an index run (from the
+Collection page or the CLI) are searchable on the next page run, while the encoder stays loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+from PIL import Image
+
+from clipdex.app.inputs import InputError, decode_checked
+from clipdex.app.jobs import IndexJobs
+from clipdex.app.settings import AppSettings
+from clipdex.retrieval.exceptions import ClipdexError
+from clipdex.retrieval.search import SearchCollection
+from clipdex.retrieval.store import Collection, Database
+
+THUMB_PX = 192
+
+
+@dataclass
+class LoadedCollection:
+    """A collection ready for queries, with the rows its FAISS indexes hold (no LanceDB call per page)."""
+
+    name: str
+    search: SearchCollection
+    ids: list[str]  # image ids in FAISS order
+    paths: list[str]
+    position: dict[str, int]  # image id -> index into ids/paths
+    captions: dict[str, list[str]]  # image id -> its captions
+
+    def path_of(self, image_id: str) -> str:
+        """The file of a row of this collection; any other id is refused (paths never come from requests)."""
+        if image_id not in self.position:
+            raise InputError(f"no image {image_id!r} in collection {self.name!r}")
+        return self.paths[self.position[image_id]]
+
+
+@st.cache_resource(show_spinner="Loading the model (once per process)...")
+def encoder(spec: str, device: str):
+    """The dual encoder for ``spec`` (shared by every collection indexed with it)."""
+    from clipdex.retrieval.encoder import load_encoder
+
+    return load_encoder(spec, device=device)
+
+
+@st.cache_resource(show_spinner="Opening the collection and its search indexes...", max_entries=8)
+def _loaded(db: str, name: str, images_version: int, captions_version: int, device: str) -> LoadedCollection:
+    col = Database(db).open(name)
+    search = SearchCollection(col, encoder=encoder(col.encoder_info().spec, device))  # refuses another model
+    images, captions = search.index("images").columns, search.index("captions").columns
+    by_image: dict[str, list[str]] = {}
+    for owner, text in zip(captions["image_id"], captions["text"]):
+        by_image.setdefault(owner, []).append(text)
+    return LoadedCollection(name, search, images["id"], images["path"],
+                            {i: n for n, i in enumerate(images["id"])}, by_image)
+
+
+def database(cfg: AppSettings) -> Database | None:
+    """The configured database, or None while it does not exist (nothing is created just by looking)."""
+    return Database(cfg.db) if Path(cfg.db).is_dir() else None
+
+
+def load(cfg: AppSettings, name: str) -> LoadedCollection:
+    """``name`` ready for queries, reopened only when its tables changed. While the UI indexes into it, the
+    last loaded state is used: its FAISS indexes are rebuilt once, by the index run itself."""
+    db = str(Path(cfg.db).resolve())
+    job = index_jobs().latest(db)
+    if job is not None and job.running and job.settings.collection == name:
+        if (db, name) not in _last_loaded():
+            raise ClipdexError(f"collection {name!r} is being indexed; it can be searched when the run ends")
+        return _last_loaded()[(db, name)]
+    versions = Database(db).open(name).versions()
+    loaded = _loaded(db, name, versions["images"], versions["captions"], cfg.device)
+    _last_loaded()[(db, name)] = loaded
+    return loaded
+
+
+@st.cache_resource
+def _last_loaded() -> dict[tuple[str, str], LoadedCollection]:
+    return {}
+
+
+def timed(fn, *args, **kwargs) -> tuple:
+    """Run a search (or an embedding); returns its result and the seconds it took (shown on the page)."""
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - t0
+
+
+def collection_image(loaded: LoadedCollection, image_id: str, *, max_pixels: int) -> Image.Image:
+    """The image of a collection row, decoded with the same checks as an upload."""
+    path = loaded.path_of(image_id)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise InputError(f"{path} (image {image_id!r}) cannot be read ({e}); re-index the collection") from e
+    return decode_checked(data, label=path, max_pixels=max_pixels)
+
+
+def thumbnail(path: str, *, max_pixels: int) -> Image.Image | None:
+    """A square-ish thumbnail of a collection file (None if it is gone or unreadable); cached per file
+    version. Small images are enlarged with nearest-neighbour so their pixels stay crisp."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    return _thumbnail(path, mtime, max_pixels)
+
+
+@st.cache_data(max_entries=4096, show_spinner=False)
+def _thumbnail(path: str, mtime_ns: int, max_pixels: int) -> Image.Image | None:
+    try:
+        im = decode_checked(Path(path).read_bytes(), label=path, max_pixels=max_pixels)
+    except (OSError, InputError):
+        return None
+    scale = THUMB_PX / max(im.size)
+    size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+    return im.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+
+
+def last_index_report(cfg: AppSettings, name: str) -> dict | None:
+    """The summary the last index run of ``name`` wrote (counts, timings, skipped files), if any."""
+    path = Path(cfg.db) / "_reports" / f"{name}-last-index.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def disk_bytes(cfg: AppSettings, name: str) -> int:
+    """Bytes the collection's tables and FAISS files take in the database folder."""
+    db = Path(cfg.db)
+    parts = [db / f"{name}__images.lance", db / f"{name}__captions.lance", *(db / "_faiss").glob(f"{name}__*")]
+    return sum(f.stat().st_size for p in parts for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file())
+
+
+def manifest_sources(col: Collection) -> list[tuple[str, str | None]]:
+    """The (manifest, split) sources of a collection: the ones whose captions can measure its recall."""
+    import pyarrow.compute as pc
+
+    sources = pc.unique(col.images.search().select(["source"]).limit(None).to_arrow()["source"]).to_pylist()
+    out = []
+    for s in sorted(sources):
+        manifest, _, split = s.partition("#split=")
+        if Path(manifest).suffix.lower() in (".parquet", ".csv", ".jsonl", ".ndjson", ".json"):
+            out.append((manifest, split or None))
+    return out
+
+
+@st.cache_data(show_spinner="Measuring recall on the collection's stored vectors...", max_entries=16)
+def measured_recall(db: str, name: str, images_version: int, manifest: str, split: str | None,
+                    gallery: int = 1000) -> dict:
+    """Recall@1/5/10 both ways of the collection against its manifest (cached per table version)."""
+    from clipdex.data_manifests.pairs import load_pairs
+    from clipdex.retrieval.collection_eval import evaluate_collection
+
+    pairs = load_pairs(manifest, split=split)
+    return evaluate_collection(Database(db).open(name), pairs, gallery=min(gallery, len(pairs)))
+
+
+@st.cache_resource
+def index_jobs() -> IndexJobs:
+    """The process's index jobs (one running per database)."""
+    return IndexJobs()

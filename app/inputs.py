@@ -1,0 +1,81 @@
+"""Everything a request brings, checked before use: uploaded images, folders to index, collection names.
+
+No Streamlit here, so the checks are tested directly. Uploads are decoded in memory and never written to
+disk; an image picked from the collection is named by its id and opened only at the path its row records
+(:mod:`clipdex.app.backend`); a folder to index must lie under one of the roots ``clipdex app`` was given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from clipdex.indexer.decode import decode_image
+from clipdex.retrieval.exceptions import ClipdexError, StoreError
+from clipdex.retrieval.store import check_name
+
+UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
+
+class InputError(ClipdexError):
+    """An upload, a picked image, a folder or a name the app refuses; the message says why and what to do."""
+
+
+def decode_checked(data: bytes, *, label: str, max_pixels: int) -> Image.Image:
+    """Bytes -> RGB image, identified among the indexer's formats and decoded only if at most ``max_pixels``
+    (the check reads the header, before any pixel is decoded)."""
+    try:
+        im, _, _ = decode_image(data, max_pixels=max_pixels)
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{label} was refused as a decompression bomb ({e}; the limit is {max_pixels:,} "
+                         "pixels)") from e
+    except Image.UnidentifiedImageError as e:
+        raise InputError(f"{label} is not a JPEG, PNG, WebP, GIF, BMP or TIFF image") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise InputError(f"{label} cannot be decoded ({e})") from e
+    return im
+
+
+def check_upload(name: str, data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """An uploaded file as an RGB image, or :class:`InputError` saying what is wrong with it."""
+    suffix = Path(name).suffix.lower().lstrip(".")
+    if suffix not in UPLOAD_TYPES:
+        raise InputError(f"{name!r}: upload a {', '.join(UPLOAD_TYPES)} image")
+    if not data:
+        raise InputError(f"{name!r} is empty")
+    if len(data) > max_bytes:
+        raise InputError(f"{name!r} is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB")
+    return decode_checked(data, label=repr(name), max_pixels=max_pixels)
+
+
+def check_index_folder(text: str, *, roots: tuple[str, ...], db: str) -> Path:
+    """A folder typed into the Collection page, resolved, checked to be under one of ``roots`` and outside
+    the database folder; :class:`InputError` otherwise."""
+    text = (text or "").strip()
+    if not text or "\x00" in text:
+        raise InputError("type the absolute path of a folder of images")
+    path = Path(text).expanduser()
+    if not path.is_absolute():
+        raise InputError(f"{text!r} is not an absolute path (start it with / or ~)")
+    try:
+        path = path.resolve()  # symlinks and '..' resolved before the roots are compared
+    except (OSError, RuntimeError) as e:
+        raise InputError(f"cannot resolve {text!r}: {e}") from e
+    allowed = [Path(r).expanduser().resolve() for r in roots]
+    if not any(path.is_relative_to(r) for r in allowed):  # checked first: says nothing of paths outside
+        raise InputError(f"{path} is outside the folders this app may index ({', '.join(map(str, allowed))}); "
+                         "restart it with clipdex app --index-root DIR to allow another")
+    if path.is_relative_to(Path(db).resolve()):
+        raise InputError(f"{path} is inside the database folder; index a folder of your images")
+    if not path.is_dir():
+        raise InputError(f"no such folder: {path}")
+    return path
+
+
+def check_collection_name(name: str) -> str:
+    """A collection name the store accepts (letters, digits, '_' and '-')."""
+    try:
+        return check_name((name or "").strip())
+    except StoreError as e:
+        raise InputError(str(e)) from e

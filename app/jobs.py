@@ -1,0 +1,87 @@
+"""Indexing a folder from the UI: a background thread runs the indexer while the page polls its progress.
+
+The indexer has no progress callback yet, so progress is read from the store: the job appends rows every
+batch (``flush_rows`` = ``batch_size``), and the page counts the rows of that folder in the collection
+against the images the folder holds. One job runs per database at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipdex.indexer.reader import read_source
+from clipdex.indexer.runner import IndexSettings, run_index
+from clipdex.retrieval.exceptions import ClipdexError
+from clipdex.retrieval.store import Database, sql_quote
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IndexJob:
+    """One index run: its settings, the folder's image count, and when done its summary or its error."""
+
+    settings: IndexSettings
+    source: str  # as the store records it, to count this folder's rows
+    total: int  # images in the folder
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    summary: dict | None = None
+    error: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.finished is None
+
+    def seconds(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    def done(self) -> int:
+        """Images of the folder in the collection now (0 until the first batch is written)."""
+        try:
+            col = Database(self.settings.db).open(self.settings.collection)
+            return col.images.count_rows(f"source = {sql_quote(self.source)}")
+        except ClipdexError:  # the collection is created by the run itself
+            return 0
+
+
+class IndexJobs:
+    """The jobs of one process, by database folder."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, IndexJob] = {}
+
+    def latest(self, db: str) -> IndexJob | None:
+        """The running or last finished job of ``db``."""
+        return self._jobs.get(str(Path(db).resolve()))
+
+    def start(self, settings: IndexSettings) -> IndexJob:
+        """Start indexing ``settings.source`` in a background thread; refused while ``settings.db`` has one."""
+        key = str(Path(settings.db).resolve())
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and job.running:
+                raise ClipdexError(f"an index run into {job.settings.collection!r} is still going on; wait for it")
+            listing = read_source(settings.source)
+            job = IndexJob(settings, listing.source, len(listing.items))
+            self._jobs[key] = job
+        threading.Thread(target=self._run, args=(job,), name=f"clipdex-index-{settings.collection}",
+                         daemon=True).start()
+        return job
+
+    @staticmethod
+    def _run(job: IndexJob) -> None:
+        try:
+            job.summary = run_index(job.settings, progress=False)
+        except ClipdexError as e:
+            job.error = str(e)
+        except Exception as e:  # noqa: BLE001 - a failed run is reported on the page, not lost in a thread
+            logger.exception("index run into %s failed", job.settings.collection)
+            job.error = f"{type(e).__name__}: {e}"
+        finally:
+            job.finished = time.monotonic()
