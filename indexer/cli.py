@@ -5,24 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from clipdex.argtypes import int_at_least
 from clipdex.retrieval.registry import DEFAULT_MODEL
 from clipdex.retrieval.store import DEFAULT_COLLECTION, DEFAULT_DB
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,13 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="encoder spec (default: %(default)s); a collection keeps the encoder it was made with")
     p.add_argument("--split", default=None, help="manifests only: index just the rows of this split")
     g = p.add_argument_group("performance")
-    g.add_argument("--batch-size", type=positive_int, default=256, help="images per encoder batch (default: %(default)s)")
-    g.add_argument("--workers", type=non_negative_int, default=None,
+    g.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per encoder batch (default: %(default)s)")
+    g.add_argument("--workers", type=int_at_least(0), default=None,
                    help="decoding processes (default: cores - 1; 0 decodes in the main process)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: %(default)s)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--flush-rows", type=positive_int, default=4096, help="images per LanceDB append (default: %(default)s)")
-    g.add_argument("--exact-threshold", type=non_negative_int, default=50_000,
+    g.add_argument("--flush-rows", type=int_at_least(1), default=4096, help="images per LanceDB append (default: %(default)s)")
+    g.add_argument("--exact-threshold", type=int_at_least(0), default=50_000,
                    help="exact FAISS search up to this many vectors, an IVF index above (default: %(default)s)")
     g.add_argument("--no-faiss", action="store_true", help="skip building FAISS indexes (search builds them)")
     p.add_argument("--rehash", action="store_true", help="hash every file, not only those whose size/mtime changed")

@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from clipdex.argtypes import int_at_least
 from clipdex.retrieval.exceptions import ClipdexError
 
 GENERATE_EPILOG = """\
@@ -20,16 +21,6 @@ the folder gets images/<split>/album-<k>/IMG_<n>.jpg|png, manifest.parquet (the 
 clipdex.data_manifests.schema) and world.json (config and summary). The same --seed and counts give
 byte-identical files, whatever --workers.
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -49,20 +40,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
     g.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     sizes = g.add_argument_group("sizes")
-    sizes.add_argument("--train", type=_positive_int, default=20000, metavar="N", help="train images (20000)")
-    sizes.add_argument("--test", type=_positive_int, default=2000, metavar="N", help="test images (2000)")
-    sizes.add_argument("--corpus", type=_positive_int, default=2000, metavar="N",
+    sizes.add_argument("--train", type=int_at_least(0), default=20000, metavar="N", help="train images (20000)")
+    sizes.add_argument("--test", type=int_at_least(0), default=2000, metavar="N", help="test images (2000)")
+    sizes.add_argument("--corpus", type=int_at_least(0), default=2000, metavar="N",
                        help="ordinary corpus images; landmark scenes are added on top (2000)")
-    sizes.add_argument("--landmarks", type=_positive_int, default=50, metavar="N", help="landmarks (50)")
-    sizes.add_argument("--views", type=_positive_int, default=3, metavar="N",
+    sizes.add_argument("--landmarks", type=int_at_least(0), default=50, metavar="N", help="landmarks (50)")
+    sizes.add_argument("--views", type=int_at_least(0), default=3, metavar="N",
                        help="query views per landmark (3)")
-    sizes.add_argument("--captions", type=_positive_int, default=5, metavar="N", help="captions per image (5)")
-    sizes.add_argument("--size", type=_positive_int, default=128, metavar="PX", help="image side in pixels (128)")
+    sizes.add_argument("--captions", type=int_at_least(0), default=5, metavar="N", help="captions per image (5)")
+    sizes.add_argument("--size", type=int_at_least(0), default=128, metavar="PX", help="image side in pixels (128)")
     sizes.add_argument("--twins", type=float, default=0.0, metavar="FRACTION",
-                       help="share of 2+-object train scenes followed by a relation-swapped twin (0.0); "
-                       "twins teach a model that 'A left of B' is not 'B left of A'")
+                       help="share of train scenes followed by a twin (0.0): two objects' cells swapped, or a "
+                       "lone object moved; twins teach a model that 'A left of B' is not 'B left of A'")
     run = g.add_argument_group("run")
-    run.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    run.add_argument("--workers", type=int_at_least(0), default=None, metavar="N",
                      help=f"worker processes (default: CPU count, {os.cpu_count()} here)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the images, manifest and world.json of an existing world in --out")
