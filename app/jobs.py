@@ -1,8 +1,8 @@
 """Indexing a folder from the UI: a background thread runs the indexer while the page polls its progress.
 
-The indexer has no progress callback yet, so progress is read from the store: the job appends rows every
-batch (``flush_rows`` = ``batch_size``), and the page counts the rows of that folder in the collection
-against the images the folder holds. One job runs per database at a time.
+The indexer reports progress through its ``on_progress`` hook after every batch; the page reads the
+latest count. The job reuses the app's loaded encoder when the collection's model is already loaded.
+One job runs per database at a time.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from clipdex.indexer.reader import read_source
 from clipdex.indexer.runner import IndexSettings, run_index
 from clipdex.retrieval.exceptions import ClipdexError
-from clipdex.retrieval.store import Database, sql_quote
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +31,8 @@ class IndexJob:
     finished: float | None = None
     summary: dict | None = None
     error: str | None = None
+    handled: int = 0
+    encoder: object = None  # an already loaded encoder for settings.model, or None to load one
 
     @property
     def running(self) -> bool:
@@ -41,12 +42,12 @@ class IndexJob:
         return (self.finished or time.monotonic()) - self.started
 
     def done(self) -> int:
-        """Images of the folder in the collection now (0 until the first batch is written)."""
-        try:
-            col = Database(self.settings.db).open(self.settings.collection)
-            return col.images.count_rows(f"source = {sql_quote(self.source)}")
-        except ClipdexError:  # the collection is created by the run itself
-            return 0
+        """Files of the folder handled so far (unchanged ones included)."""
+        return self.handled
+
+    def on_progress(self, done: int, total: int) -> None:
+        """The indexer's progress hook."""
+        self.handled, self.total = done, total
 
 
 class IndexJobs:
@@ -60,7 +61,7 @@ class IndexJobs:
         """The running or last finished job of ``db``."""
         return self._jobs.get(str(Path(db).resolve()))
 
-    def start(self, settings: IndexSettings) -> IndexJob:
+    def start(self, settings: IndexSettings, *, encoder=None) -> IndexJob:
         """Start indexing ``settings.source`` in a background thread; refused while ``settings.db`` has one."""
         key = str(Path(settings.db).resolve())
         with self._lock:
@@ -68,7 +69,7 @@ class IndexJobs:
             if job is not None and job.running:
                 raise ClipdexError(f"an index run into {job.settings.collection!r} is still going on; wait for it")
             listing = read_source(settings.source)
-            job = IndexJob(settings, listing.source, len(listing.items))
+            job = IndexJob(settings, listing.source, len(listing.items) + len(listing.missing), encoder=encoder)
             self._jobs[key] = job
         threading.Thread(target=self._run, args=(job,), name=f"clipdex-index-{settings.collection}",
                          daemon=True).start()
@@ -77,7 +78,7 @@ class IndexJobs:
     @staticmethod
     def _run(job: IndexJob) -> None:
         try:
-            job.summary = run_index(job.settings, progress=False)
+            job.summary = run_index(job.settings, progress=False, on_progress=job.on_progress, encoder=job.encoder)
         except ClipdexError as e:
             job.error = str(e)
         except Exception as e:  # noqa: BLE001 - a failed run is reported on the page, not lost in a thread

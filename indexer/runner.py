@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -117,8 +118,16 @@ def _check_id_clash(collection: Collection, source: str, todo: list[SourceItem])
                          f"(e.g. {clash[0]!r} from {other[clash[0]]}); index this source into another --collection")
 
 
-def run_index(settings: IndexSettings, *, progress: bool = True) -> dict:
-    """Index ``settings.source`` into the collection; returns the JSON summary (counts, timings, failures)."""
+ProgressHook = Callable[[int, int], None]  # (files of the source handled so far, files in the source)
+
+
+def run_index(settings: IndexSettings, *, progress: bool = True, on_progress: ProgressHook | None = None,
+              encoder=None) -> dict:
+    """Index ``settings.source`` into the collection; returns the JSON summary (counts, timings, failures).
+
+    ``on_progress(done, total)`` is called once the plan is made and after every batch (done counts the
+    unchanged files too). ``encoder``: an already loaded :class:`DualEncoder` for ``settings.model`` (a long-
+    lived process such as the app reuses its own instead of loading a second copy)."""
     from clipdex.retrieval.images import default_workers
     from clipdex.retrieval.spec import parse_model_spec
 
@@ -126,10 +135,11 @@ def run_index(settings: IndexSettings, *, progress: bool = True) -> dict:
     parse_model_spec(settings.model)  # a mistyped spec fails before any work
     workers = default_workers() if settings.workers is None else settings.workers
     with DecodePool(workers, timeout=settings.decode_timeout) as pool:  # started first: ready when needed
-        return _run(settings, pool, progress=progress, t_start=t_start)
+        return _run(settings, pool, progress=progress, t_start=t_start, on_progress=on_progress, encoder=encoder)
 
 
-def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float) -> dict:
+def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float,
+         on_progress: ProgressHook | None, encoder) -> dict:
     from tqdm import tqdm
 
     from clipdex.retrieval.encoder import load_encoder
@@ -142,7 +152,8 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
     times["read"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    encoder = load_encoder(settings.model, device=settings.device, precision=settings.precision)
+    if encoder is None:
+        encoder = load_encoder(settings.model, device=settings.device, precision=settings.precision)
     times["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -155,6 +166,10 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
     collection.touch(plan.touched)
     times["plan"] = time.perf_counter() - t0
 
+    total = len(listing.items) + len(listing.missing)
+    handled = total - len(plan.todo)
+    if on_progress:
+        on_progress(handled, total)
     embedder = Embedder(encoder)
     writer = StoreWriter(collection, source=listing.source, flush_rows=settings.flush_rows, replace=plan.replace)
     failures = [{"path": p, "reason": r} for p, r in listing.missing]
@@ -180,6 +195,9 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
                     writer.add(it, content_hash=h, width=w, height=ht, vector=v, caption_vectors=cap_vec[c:c + n])
                     c += n
             bar.update(batch["count"])
+            handled += batch["count"]
+            if on_progress:
+                on_progress(handled, total)
             bar.set_postfix(failed=len(failures) - len(listing.missing), refresh=False)
             t_wait = time.perf_counter()
         writer.flush()

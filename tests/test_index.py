@@ -268,8 +268,11 @@ def test_every_format_and_exif_orientation(tiny_world, tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: shown turned a quarter
     wide.save(root / "rotated.jpg", exif=exif)
-    s = run_index(IndexSettings(source=str(root), db=str(tmp_path / "db"), workers=1), progress=False)
+    calls = []
+    s = run_index(IndexSettings(source=str(root), db=str(tmp_path / "db"), workers=1, batch_size=4),
+                  progress=False, on_progress=lambda done, total: calls.append((done, total)))
     assert s["counts"]["indexed"] == 7 and s["failures"] == []
+    assert calls == [(0, 7), (4, 7), (7, 7)]  # after the plan, then after each batch
     col = open_collection(tmp_path / "db")
     t = col.collection.images.search().select(["path", "width", "height"]).limit(None).to_arrow().to_pylist()
     size = {Path(r["path"]).name: (r["width"], r["height"]) for r in t}

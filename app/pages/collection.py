@@ -104,7 +104,8 @@ if start:
         target = check_collection_name(target)
         model = db.open(target).encoder_info().spec if target in names else DEFAULT_MODEL
         backend.index_jobs().start(IndexSettings(source=str(path), db=cfg.db, collection=target, model=model,
-                                                 batch_size=UI_BATCH, flush_rows=UI_BATCH, device=cfg.device))
+                                                 batch_size=UI_BATCH, device=cfg.device),
+                                   encoder=backend.encoder(model, cfg.device))
     except ClipdexError as e:
         st.error(f"Cannot index: {plain(e)}")
 
@@ -118,7 +119,7 @@ def progress() -> None:
     if job.running:
         done = job.done()
         st.progress(min(done / max(job.total, 1), 1.0),
-                    text=f"Indexing {where}: {done:,} of {job.total:,} images written ({job.seconds():.0f} s)")
+                    text=f"Indexing {where}: {done:,} of {job.total:,} files done ({job.seconds():.0f} s)")
     elif job.error:
         st.error(f"Indexing {where} failed after {job.seconds():.0f} s: {plain(job.error)}")
     else:
