@@ -16,13 +16,14 @@ are cosine similarities. The encoder is the one recorded in the collection; anot
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from clipdex.retrieval.exceptions import ClipdexError
-from clipdex.retrieval.index import IndexConfig, LoadedIndex, load_for
+from clipdex.retrieval.index import IndexConfig, LoadedIndex, is_fresh, load_for
 from clipdex.retrieval.store import DEFAULT_COLLECTION, Collection, Database, sql_in
 
 logger = logging.getLogger(__name__)
@@ -85,10 +86,6 @@ class SearchCollection:
     def index(self, table: str) -> LoadedIndex:
         """The FAISS index of ``table`` ('images' or 'captions'), rebuilt first if stale. Whether the
         table changed (another process indexing into it) is checked at most once per second."""
-        import time
-
-        from clipdex.retrieval.index import is_fresh
-
         now = time.monotonic()
         loaded = self._indexes.get(table)
         if loaded is not None and now - self._checked.get(table, 0.0) > 1.0:
@@ -154,13 +151,12 @@ class SearchCollection:
         idx = self.index(table)
         scores, pos = idx.search(vector[None], k)
         cols = idx.columns
-        ids = cols["id"]
-        found = [(p, s) for p, s in zip(pos[0].tolist(), scores[0].tolist()) if p >= 0]
+        ids, found = cols["id"], zip(pos[0].tolist(), scores[0].tolist())  # FAISS pads with -1 only at the end
         if table == "images":
             paths = cols["path"]
-            return [Hit(r, ids[p], s, paths[p]) for r, (p, s) in enumerate(found, 1)]
+            return [Hit(r, ids[p], s, paths[p]) for r, (p, s) in enumerate(found, 1) if p >= 0]
         texts, owners = cols["text"], cols["image_id"]
-        return [Hit(r, ids[p], s, None, texts[p], owners[p]) for r, (p, s) in enumerate(found, 1)]
+        return [Hit(r, ids[p], s, None, texts[p], owners[p]) for r, (p, s) in enumerate(found, 1) if p >= 0]
 
     def _filtered(self, vector: np.ndarray, *, table: str, k: int, where: str | None,
                   path_glob: str | None) -> list[Hit]:
