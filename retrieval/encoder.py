@@ -35,10 +35,27 @@ class EncoderInfo:
     context_length: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    weights: str = ""  # fingerprint of the weights (see weights_fingerprint); "" in stores made before it
 
     def as_dict(self) -> dict:
         """A JSON-ready dict."""
         return asdict(self)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the weights that tell two models of one architecture apart: the projections and the
+    first and last parameter tensors, as stored (device and precision of inference do not change it)."""
+    import hashlib
+
+    params = list(model.named_parameters())
+    picked = {n: p for n, p in params if n in ("text_projection", "visual.proj")}
+    for n, p in (params[0], params[-1]):
+        picked.setdefault(n, p)
+    h = hashlib.blake2b(digest_size=8)
+    for n in sorted(picked):
+        h.update(n.encode())
+        h.update(picked[n].detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 @dataclass
@@ -144,6 +161,7 @@ class DualEncoder:
             context_length=int(getattr(self.model, "context_length", 77)),
             mean=tuple(float(x) for x in cfg.get("mean", ())),
             std=tuple(float(x) for x in cfg.get("std", ())),
+            weights=weights_fingerprint(self.model),
         )
 
     def _probe_dim(self) -> int:

@@ -168,9 +168,13 @@ class Collection:
     def check_encoder(self, info: "EncoderInfo", *, action: str = "query") -> None:
         """Refuse ``info`` unless it is the encoder that filled this collection."""
         have = self.encoder_info()
-        if have != info:
-            diff = {k: (v, info.as_dict()[k]) for k, v in have.as_dict().items() if v != info.as_dict()[k]}
+        given = info.as_dict()
+        diff = {k: (v, given[k]) for k, v in have.as_dict().items()
+                if v != given[k] and not (k == "weights" and not v)}  # older stores recorded no fingerprint
+        if diff:
             detail = "; ".join(f"{k}: collection has {a!r}, given {b!r}" for k, (a, b) in diff.items())
+            if set(diff) == {"weights"}:
+                detail += " (same name, other weights: was the checkpoint retrained or replaced?)"
             raise ModelMismatchError(
                 f"cannot {action} collection {self.name!r} with model {info.spec!r}: it was indexed with "
                 f"{have.spec!r} ({detail}). Use --model {have.spec} or another --collection.")

@@ -124,3 +124,21 @@ def test_orphan_captions_never_reach_the_index(tmp_path, info):
     col.append(_rows(["a"], x[2:3]), caps)  # 'ghost' is what a run killed between the two appends leaves
     assert load_for(col, "captions").columns["id"] == ["a#0"]
     assert col.reconcile() == 1 and col.captions.count_rows() == 1
+
+
+def test_same_name_other_weights_is_refused(tmp_path, info):
+    from dataclasses import replace
+
+    from clipdex.retrieval.encoder import load_encoder
+    from clipdex.retrieval.exceptions import ModelMismatchError
+
+    db = Database(tmp_path / "db", create=True)
+    db.open_or_create("old", info=info)  # a store from before fingerprints: weights ""
+    db.open_or_create("old", info=replace(info, weights="abc"))  # still accepted
+    db.open_or_create("c", info=replace(info, weights="abc"))
+    with pytest.raises(ModelMismatchError, match="other weights"):
+        db.open_or_create("c", info=replace(info, weights="def"))
+    a = load_encoder("clipdex-tiny:random").info
+    b = load_encoder("clipdex-tiny:random").info
+    assert a.spec == b.spec and a.weights != b.weights  # two random inits: same name, different models
+    assert load_encoder("clipdex-world").info.weights == load_encoder("clipdex-world", device="cpu").info.weights
