@@ -53,6 +53,14 @@ def encoder(spec: str, device: str):
     return load_encoder(spec, device=device)
 
 
+@st.cache_resource(show_spinner="Loading the answering decoder (once per process)...")
+def decoder(path: str, device: str):
+    """The built-in fused decoder (``path`` empty: the shipped one), shared by every session."""
+    from clipdex.retrieval.answer import BuiltinBackend
+
+    return BuiltinBackend(path or None, device=device)
+
+
 @st.cache_resource(show_spinner="Opening the collection and its search indexes...", max_entries=8)
 def _loaded(db: str, name: str, images_version: int, captions_version: int, device: str) -> LoadedCollection:
     col = Database(db).open(name)

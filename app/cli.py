@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=int, default=AppSettings.max_upload_mb,
                    help="largest image upload in MB (default: %(default)s)")
     p.add_argument("--device", default="auto", help="where the encoder runs: auto, cpu, cuda (default: %(default)s)")
+    p.add_argument("--decoder", default="", help="answering decoder checkpoint for the Ask page (default: the shipped one)")
     p.set_defaults(func=_app)
 
 
@@ -69,7 +70,7 @@ def _app(args) -> int:
         if args.host != "localhost":
             logger.warning("binding to %s: anyone who can reach it can use the app", args.host)
     settings = AppSettings(db=args.db, collection=args.collection, index_roots=tuple(args.index_root or ()),
-                           max_upload_mb=args.max_upload_mb, device=args.device)
+                           max_upload_mb=args.max_upload_mb, device=args.device, decoder=args.decoder)
     env = {**os.environ, **settings.as_env()}
     cmd = streamlit_command(host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
     print(f"clipdex app: serving {Path(args.db).resolve()} on http://{args.host}:{args.port} (Ctrl-C stops it)",

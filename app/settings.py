@@ -22,6 +22,7 @@ class AppSettings:
     max_upload_mb: largest accepted upload (Streamlit refuses bigger ones before they reach the app).
     max_pixels: larger images (uploads or collection files) are refused as decompression bombs.
     device: where the encoder runs (auto, cpu, cuda).
+    decoder: the built-in answering decoder's checkpoint (empty: the shipped one).
     """
 
     db: str = DEFAULT_DB
@@ -30,13 +31,15 @@ class AppSettings:
     max_upload_mb: int = 20
     max_pixels: int = 40_000_000
     device: str = "auto"
+    decoder: str = ""
 
     def as_env(self) -> dict[str, str]:
         """The environment variables that give these settings to the app's process."""
         return {f"{ENV_PREFIX}DB": str(Path(self.db).resolve()), f"{ENV_PREFIX}COLLECTION": self.collection,
                 f"{ENV_PREFIX}INDEX_ROOTS": os.pathsep.join(str(Path(r).resolve()) for r in self.index_roots),
                 f"{ENV_PREFIX}MAX_UPLOAD_MB": str(self.max_upload_mb), f"{ENV_PREFIX}MAX_PIXELS": str(self.max_pixels),
-                f"{ENV_PREFIX}DEVICE": self.device}
+                f"{ENV_PREFIX}DEVICE": self.device,
+                f"{ENV_PREFIX}DECODER": str(Path(self.decoder).resolve()) if self.decoder else ""}
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "AppSettings":
@@ -46,4 +49,5 @@ class AppSettings:
         roots = tuple(r for r in get("INDEX_ROOTS", "").split(os.pathsep) if r) or (str(Path.home()),)
         return cls(db=get("DB", DEFAULT_DB), collection=get("COLLECTION", DEFAULT_COLLECTION), index_roots=roots,
                    max_upload_mb=int(get("MAX_UPLOAD_MB", cls.max_upload_mb)),
-                   max_pixels=int(get("MAX_PIXELS", cls.max_pixels)), device=get("DEVICE", cls.device))
+                   max_pixels=int(get("MAX_PIXELS", cls.max_pixels)), device=get("DEVICE", cls.device),
+                   decoder=get("DECODER", cls.decoder))

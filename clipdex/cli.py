@@ -22,6 +22,8 @@ examples:
   clipdex index worlds/demo/manifest.parquet --split corpus   # embed a collection
   clipdex search "a red circle left of a star"             # text -> image
   clipdex search --image photo.jpg --captions              # image -> text
+  clipdex ask --image photo.jpg "when was it built?"       # answered from the collection, evidence shown
+  clipdex eval answer                                      # proof that retrieval is what answers
   clipdex app                                              # the Streamlit UI on 127.0.0.1:8501
   clipdex models                                           # built-in names and accepted spec forms
   clipdex demo                                             # the whole thing on the embedded default
@@ -39,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipdex",
         description="Cross-modal retrieval: embed images and captions with a contrastive dual encoder, "
-        "search text->image, image->image and image->text.",
+        "search text->image, image->image and image->text, and answer questions grounded in the collection.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -15,6 +15,8 @@ SPEC_HELP = ("model spec: a built-in name (clipdex-world), ARCH:TAG (ViT-B-32:la
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this package's subcommands to the ``clipdex`` parser."""
+    from clipdex.retrieval import answer_cli
+
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     p = sub.add_parser("models", help="list built-in models, architectures and spec forms",
@@ -79,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "against each scene. Same gallery, same pessimistic ties and same JSON as eval retrieval.")
     _eval_args(o)
     o.set_defaults(func=_eval_oracle)
+    answer_cli.register_eval(esub)
 
     from clipdex.retrieval.store import DEFAULT_COLLECTION, DEFAULT_DB
 
@@ -125,6 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gallery", type=int, default=1000)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_demo)
+    answer_cli.register(sub)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

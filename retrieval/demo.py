@@ -29,6 +29,29 @@ def ensure_world(world_dir: Path, *, gallery: int) -> Path:
     return manifest
 
 
+def ask_examples(search, *, world_dir: Path, manifest: Path) -> list[dict]:
+    """Grounded questions about a query view of the first landmark, answered by the shipped decoder from the
+    collection (its facts are only in the landmark's corpus captions)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from clipdex.retrieval.answer import Answerer, BuiltinBackend
+    from clipdex.retrieval.answer_data import FACT_OF_KIND, facts_of
+
+    table = pq.read_table(manifest)
+    views = table.filter(pc.equal(table["split"], "query")).to_pylist()
+    if not views:
+        return []
+    view = views[0]
+    answerer = Answerer(search, BuiltinBackend())
+    out = []
+    for kind, question in (("landmark_year", "when was it built?"), ("landmark_builder", "who built it?")):
+        r = answerer.ask(image=str(world_dir / view["path"]), question=question)
+        out.append(r.as_dict() | {"image": str(world_dir / view["path"]),
+                                  "expected": facts_of(view["landmark"])[FACT_OF_KIND[kind]]})
+    return out
+
+
 def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str, gallery: int = 1000,
              as_json: bool = False, k: int = 3) -> int:
     """Run the demo and print what it finds; returns the exit code."""
@@ -61,11 +84,12 @@ def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str,
     examples.append({"direction": "image->text", "query": str(pairs.paths[qi]),
                      "results": [{"caption": h.caption, "score": h.score, "hit": h.image_id == pairs.ids[qi]}
                                  for h in search.search_captions(pairs.paths[qi], k=k)]})
+    asked = ask_examples(search, world_dir=world_dir, manifest=manifest)
     recall = evaluate_collection(collection, pairs, gallery=len(pairs), model=model)
     out = {"model": model, "world": str(manifest), "db": str(db), "collection": DEMO_COLLECTION,
            "index": {"counts": summary["counts"], "images_per_s": summary["images_per_s"],
                      "seconds": summary["seconds"]},
-           "recall": recall, "examples": examples, "seconds": round(time.time() - t0, 1)}
+           "recall": recall, "examples": examples, "ask": asked, "seconds": round(time.time() - t0, 1)}
     if as_json:
         print(json.dumps(out))
         return 0
@@ -85,6 +109,14 @@ def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str,
             print(f"   {r['score']:.3f}  {r.get('path') or r.get('caption')}{mark}")
             if ex["direction"] == "image->image":
                 print(f"          {r['caption']}")
+        print()
+    if asked:
+        from clipdex.retrieval.answer_cli import print_evidence
+
+        print(f"[grounded answering] a new photo of a landmark: {asked[0]['image']}")
+        for a in asked:
+            print(f"Q: {a['question']}\nA: {a['answer']}   (the landmark's caption says: {a['expected']})")
+        print_evidence(asked[0]["evidence"][:3])
         print()
     print("measured on the whole collection (every caption queries every image, and back):")
     print(format_table(recall))

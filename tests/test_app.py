@@ -160,24 +160,27 @@ def test_search_page_image_to_text_shows_the_images_own_captions(app_env, tiny_w
     assert rows["caption"].iloc[0] in pairs.captions[3] and rows["score"].is_monotonic_decreasing
 
 
-def test_ask_page_shows_no_decoder_and_the_retrieved_evidence(app_env, tiny_world):
+def test_ask_page_answers_from_the_collection_with_weighted_evidence(app_env, tiny_world):
     from clipdex.data_manifests.pairs import load_pairs
 
     pairs = load_pairs(tiny_world, split="corpus")
     at = _open("ask")
-    assert "No decoder yet" in at.warning[0].value
     at.radio(key="ask_source").set_value("Pick from the collection").run()
     at.selectbox(key="ask_pick_id").set_value(pairs.ids[5]).run()
-    at.text_input(key="ask_question").input("what colour is the star?")
+    at.text_input(key="ask_question").input("how many shapes are there?")
     at.button[0].click().run()  # the form's "Ask"
-    assert not at.exception
-    assert [s.value for s in at.subheader] == ["Answer", "Retrieved evidence (no answer yet: no decoder)"]
-    assert at.info[0].value.startswith("No answer yet: no decoder.") and "what colour is the star?" in at.info[0].value
-    assert len(at.get("image")) == 1 + 8  # the query image, then k = 8 retrieved images
-    assert "score `1.000` :orange-badge[strongest]" in " ".join(m.value for m in at.markdown)  # itself
-    captions = at.dataframe[0].value
-    assert len(captions) == 8 and captions["image"].iloc[0] == pairs.ids[5]
-    assert list(captions[""]).count("strongest") == 1 and captions[""].iloc[0] == "strongest"
+    assert not at.exception and not at.error
+    assert [s.value for s in at.subheader] == ["Answer", "Evidence"]
+    answer = at.success[0].value.strip("*")
+    assert answer and answer != "(empty answer)"
+    assert "how many shapes are there?" in " ".join(c.value for c in at.caption)
+    rows = at.dataframe[0].value
+    assert len(rows) == 5 and list(rows["rank"]) == [1, 2, 3, 4, 5] and rows["score"].is_monotonic_decreasing
+    assert rows["image"].iloc[0] == pairs.ids[5]  # the picked image retrieves itself first
+    assert ((rows["weight"] >= 0) & (rows["weight"] <= 1)).all() and rows["weight"].sum() <= 1.0001
+    assert list(rows[""]).count("answer rests on this") == 1
+    assert rows[""].iloc[int(rows["weight"].idxmax())] == "answer rests on this"
+    assert len(at.get("image")) == 1 + 5  # the query image, then the 5 evidence images
 
 
 def test_bad_uploads_show_an_error_and_a_good_one_searches(app_env, monkeypatch):

@@ -1,8 +1,9 @@
 """Ask: a question about an image (or none, for a caption), answered from the collection with its evidence.
 
-Grounded answering arrives with the answering module (the decoder). Until then the page says so plainly and
-shows what an answer will be grounded in: the collection's most similar images and the captions that best
-describe the image, with their retrieval scores. It never makes up an answer.
+The image retrieves the collection's top-k images with their first captions; the built-in fused decoder
+answers from them (:mod:`clipdex.retrieval.answer`, the same path as ``clipdex ask``). The evidence is shown
+with each item's retrieval score and its weight: the share of the answer's probability mass that came from
+it. The item the answer rests on most is marked.
 """
 
 import streamlit as st
@@ -10,22 +11,21 @@ import streamlit as st
 from clipdex.app import backend, widgets
 from clipdex.app.settings import AppSettings
 from clipdex.retrieval.exceptions import ClipdexError
-
-NO_DECODER = ("**No decoder yet.** Grounded answering arrives with the answering module: it will answer from "
-              "the evidence below and show the weight it puts on each piece. Until then this page shows the "
-              "retrieved evidence only.")
+from clipdex.retrieval.search import Hit
 
 cfg = AppSettings.from_env()
 widgets.sidebar(cfg)
 loaded = widgets.current(cfg)
 
 st.title("Ask")
-st.warning(NO_DECODER, icon=":material/construction:")
+st.caption("Ask about an image: the answer comes from the images and captions retrieved from this collection, "
+           "and the evidence below shows how much it drew on each.")
 image, label = widgets.image_query(loaded, cfg, key="ask")
 with st.form("ask_form"):
     question = st.text_input("Your question (leave it empty to ask for a caption)", key="ask_question",
-                             placeholder="what colour is the star?").strip()
-    k = st.slider("Pieces of evidence to retrieve", 1, 16, 8, key="ask_k")
+                             placeholder="when was it built?").strip()
+    k = st.slider("Pieces of evidence to retrieve", 1, 8, 5, key="ask_k")
+    beams = st.slider("Beam width (1: greedy)", 1, 4, 1, key="ask_beams")
     asked = st.form_submit_button("Ask", type="primary")
 if not asked:
     st.stop()
@@ -33,21 +33,27 @@ if image is None:
     st.error("Upload an image or pick one from the collection first.")
     st.stop()
 try:
-    vector, s_embed = backend.timed(loaded.search.embed_image, image)  # embedded once for both searches
-    images, s_images = backend.timed(loaded.search.search_vector, vector, table="images", k=k)
-    captions, s_captions = backend.timed(loaded.search.search_vector, vector, table="captions", k=k)
+    from clipdex.retrieval.answer import Answerer
+
+    answerer = Answerer(loaded.search, backend.decoder(cfg.decoder, cfg.device))  # refuses another encoder
+    result, seconds = backend.timed(answerer.ask, image=image, question=question or None, k=k, beams=beams)
 except ClipdexError as e:
-    st.error(f"Retrieval failed: {widgets.plain(e)}")
+    st.error(f"Answering failed: {widgets.plain(e)}")
     st.stop()
 
 st.subheader("Answer")
-asked_for = f"the question “{widgets.plain(question)}”" if question else "a caption"
-st.info(f"No answer yet: no decoder. You asked for {asked_for} about {widgets.plain(label)}; it will be answered "
-        "when the answering module lands.", icon=":material/block:")
-st.subheader("Retrieved evidence (no answer yet: no decoder)")
-st.caption(f"Scores are retrieval scores (cosine similarity to your image), not answer weights; the strongest "
-           f"is marked. Retrieved in {(s_embed + s_images + s_captions) * 1000:.0f} ms.")
-st.markdown("**Similar images in the collection**")
-widgets.hit_grid(loaded, images, cfg, strongest=True)
-st.markdown("**Captions that describe the image best**")
-widgets.caption_table(captions, strongest=True)
+asked_for = f"“{widgets.plain(question)}”" if question else "a caption"
+st.success(f"**{widgets.plain(result.answer) or '(empty answer)'}**", icon=":material/chat:")
+st.caption(f"You asked for {asked_for} about {widgets.plain(label)}. Answered by {result.backend} from "
+           f"{len(result.evidence)} retrieved items in {seconds * 1000:.0f} ms.")
+st.subheader("Evidence")
+top = max((e["weight"] or 0.0 for e in result.evidence), default=0.0)
+rows = [{"rank": e["rank"], "weight": e["weight"], "score": e["score"], "caption": e["caption"], "image": e["id"],
+         "": "answer rests on this" if e["weight"] and e["weight"] == top else ""} for e in result.evidence]
+st.dataframe(rows, hide_index=True, column_config={
+    "weight": st.column_config.ProgressColumn("weight", min_value=0.0, max_value=1.0, format="%.3f",
+                                              help="share of the answer's probability mass drawn from this item"),
+    "score": st.column_config.NumberColumn("score", format="%.3f", help="cosine similarity to your image")})
+st.caption("Weight: how much the answer drew on the item (the decoder's copy and attention mass). "
+           "Score: how similar the item is to your image (retrieval).")
+widgets.hit_grid(loaded, [Hit(e["rank"], e["id"], e["score"], e["path"]) for e in result.evidence], cfg)
