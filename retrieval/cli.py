@@ -121,7 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default, end to end", formatter_class=fmt,
                        description="Generate a small built-in world if needed, index its corpus with the "
                        "embedded default model (LanceDB + FAISS), show example searches in each direction with "
-                       "their scores, and measure the collection's recall.")
+                       "their scores, ask grounded questions about a photo of a landmark (answer and evidence), and measure "
+                       "the collection's recall.")
     p.add_argument("--dir", default="clipdex-data/demo-world", help="where the demo world lives")
     p.add_argument("--db", default=None, help="database folder for the demo collection (default: DIR/db)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=SPEC_HELP)

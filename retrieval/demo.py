@@ -2,7 +2,8 @@
 
 Generates a small built-in world (scenes the model never saw, plus a few landmarks) if it is not there
 yet, indexes its corpus into a collection (LanceDB + FAISS, incremental: a second run re-uses it), shows
-example searches in each direction with their cosine scores, and measures the collection's recall.
+example searches in each direction with their cosine scores, asks the shipped answering decoder two
+grounded questions about a new photo of a landmark (with the evidence), and measures the collection's recall.
 """
 
 from __future__ import annotations
@@ -122,4 +123,6 @@ def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str,
     print(format_table(recall))
     print(f"\n({out['seconds']:.0f} s)   next: clipdex search \"a red circle left of a star\" --db {db} "
           f"--collection {DEMO_COLLECTION}")
+    if asked:
+        print(f"       clipdex ask --image {asked[0]['image']} \"who built it?\" --db {db} --collection {DEMO_COLLECTION}")
     return 0

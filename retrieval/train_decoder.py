@@ -51,9 +51,9 @@ class DecoderTrainConfig:
     out: str
     model: str = "clipdex-world"  # the dual encoder whose embeddings the decoder reads
     world: WorldSettings = field(default_factory=WorldSettings)
-    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(d_model=192, image_tokens=2, dropout=0.0))
+    decoder: DecoderConfig = field(default_factory=lambda: DecoderConfig(d_model=128, image_tokens=2, dropout=0.0))
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    steps: int = 1500
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 100

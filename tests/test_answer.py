@@ -76,8 +76,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("answer")
     out = root / "decoder.safetensors"
     proc = run_cli("train-decoder", "--out", str(out), "--world-dir", str(root / "train-world"), "--seed", "5",
-                   "--corpus", "80", "--landmarks", "40", "--views", "2", "--steps", "360", "--batch-size", "16",
-                   "--lr", "3e-3", "--d-model", "64", "--layers", "2", "--heads", "2", "--eval-every", "360",
+                   "--corpus", "80", "--landmarks", "40", "--views", "2", "--steps", "240", "--batch-size", "16",
+                   "--lr", "3e-3", "--d-model", "64", "--layers", "2", "--heads", "2", "--eval-every", "240",
                    "--k", "3", "--mix", "0.8,0.1,0.1", "--json", timeout=600)
     rec = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"root": root, "decoder": out, "record": rec}
@@ -85,7 +85,7 @@ def trained(tmp_path_factory):
 
 @pytest.mark.slow
 def test_tiny_decoder_answers_unseen_landmarks_from_retrieval(trained):
-    assert trained["record"]["steps"] == 360 and trained["decoder"].exists()
+    assert trained["record"]["steps"] == 240 and trained["decoder"].exists()
     root = trained["root"]
     proc = run_cli("eval", "answer", "--decoder", str(trained["decoder"]), "--world-dir", str(root / "eval-world"),
                    "--seed", "6", "--corpus", "40", "--landmarks", "12", "--views", "2", "-k", "3", "--json",

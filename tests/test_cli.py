@@ -57,6 +57,11 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert sum(e["results"][0]["hit"] for e in t2i) >= 2  # held-out captions find their own image first
     assert (tmp_path / "w" / "manifest.parquet").exists()
     assert out["index"]["counts"]["images_in_collection"] == 104  # 100 corpus scenes + 4 landmarks, indexed
+    assert [a["question"] for a in out["ask"]] == ["when was it built?", "who built it?"]
+    for a in out["ask"]:  # grounded: the item the answer rests on is the landmark whose caption states the fact
+        assert a["answer"] and len(a["evidence"]) == 5
+        top = max(a["evidence"], key=lambda e: e["weight"])
+        assert a["expected"] in top["caption"], a
     again = json.loads(run_cli("demo", "--dir", str(tmp_path / "w"), "--gallery", "100", "--json").stdout)
     assert again["index"]["counts"]["indexed"] == 0 and again["recall"] == out["recall"]  # re-uses the collection
 
