@@ -101,8 +101,9 @@ def prepare_world(*, world_dir: str | Path, db: str | Path, collection: str, mod
     if not manifest.exists():
         generate_world(WorldConfig(seed=seed, train=0, test=0, corpus=corpus, landmarks=landmarks,
                                    views_per_landmark=views), out_dir=world_dir, progress=progress)
+    enc = encoder or load_encoder(model)  # loaded once, for the index run and the query views
     run_index(IndexSettings(source=str(manifest), split="corpus", db=str(db), collection=collection, model=model),
-              progress=progress, encoder=encoder)
+              progress=progress, encoder=enc)
     col = Database(db).open(collection)
     index = load_for(col, "images")
     pos_of = {i: p for p, i in enumerate(index.columns["id"])}
@@ -122,7 +123,6 @@ def prepare_world(*, world_dir: str | Path, db: str | Path, collection: str, mod
     corpus_vectors = np.stack([vec_of[i] for i in ids]).astype(np.float32)
     _, nb = index.search(corpus_vectors, top_n + 1)
     corpus_nb = np.stack([[p for p in row if p != i and p >= 0][:top_n] for i, row in enumerate(nb)])
-    enc = encoder or load_encoder(model)
     view_vectors = enc.encode_images([open_rgb(world_dir / r["path"]) for r in view_rows]).astype(np.float32) \
         if view_rows else np.zeros((0, corpus_vectors.shape[1]), np.float32)
     landmark_pos = {row_of[i]["landmark"]["landmark_id"]: p for p, i in enumerate(ids) if row_of[i]["landmark"]}

@@ -47,6 +47,29 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def compact_rows(tensors: dict[str, torch.Tensor], *, key: str, ids) -> dict[str, torch.Tensor]:
+    """``tensors`` with the embedding table ``key`` replaced by only its rows ``ids`` (stored as ``token_ids``,
+    ``token_rows`` and ``token_vocab_size``); :func:`expand_rows` undoes it, other rows coming back as zeros."""
+    out = dict(tensors)
+    idx = torch.tensor(sorted(set(ids)), dtype=torch.int64)
+    full = out.pop(key)
+    out["token_ids"], out["token_rows"] = idx, full[idx].contiguous()
+    out["token_vocab_size"] = torch.tensor([full.shape[0]], dtype=torch.int64)
+    return out
+
+
+def expand_rows(tensors: dict[str, torch.Tensor], *, key: str) -> dict[str, torch.Tensor]:
+    """The full table ``key`` back from :func:`compact_rows`' rows (zeros elsewhere); unchanged if not compact."""
+    if "token_rows" not in tensors:
+        return tensors
+    out = dict(tensors)
+    ids, rows = out.pop("token_ids"), out.pop("token_rows")
+    full = torch.zeros(int(out.pop("token_vocab_size")[0]), rows.shape[1], dtype=rows.dtype)
+    full[ids] = rows
+    out[key] = full
+    return out
+
+
 def save_checkpoint(path: Path, *, state_dict: dict[str, torch.Tensor], meta: CheckpointMeta,
                     compact_token_ids: list[int] | None = None, half: bool = False) -> None:
     """Write ``state_dict`` and ``meta`` to ``path`` as safetensors, atomically.
@@ -60,11 +83,7 @@ def save_checkpoint(path: Path, *, state_dict: dict[str, torch.Tensor], meta: Ch
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     if compact_token_ids is not None:
-        ids = torch.tensor(sorted(set(compact_token_ids)), dtype=torch.int64)
-        full = tensors.pop(TOKEN_EMBEDDING)
-        tensors["token_ids"] = ids
-        tensors["token_rows"] = full[ids].contiguous()
-        tensors["token_vocab_size"] = torch.tensor([full.shape[0]], dtype=torch.int64)
+        tensors = compact_rows(tensors, key=TOKEN_EMBEDDING, ids=compact_token_ids)
     metadata = {
         "clipdex_format": FORMAT_VERSION,
         "arch": meta.arch,
@@ -111,13 +130,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not sd:
         raise CheckpointError(f"{path}: holds no tensors")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
-    if "token_rows" in sd:
-        ids, rows = sd.pop("token_ids"), sd.pop("token_rows")
-        vocab = int(sd.pop("token_vocab_size")[0])
-        full = torch.zeros(vocab, rows.shape[1], dtype=rows.dtype)
-        full[ids] = rows
-        sd[TOKEN_EMBEDDING] = full
-    return sd
+    return expand_rows(sd, key=TOKEN_EMBEDDING)
 
 
 def load_into(model: torch.nn.Module, path: Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from clipdex.retrieval.checkpoint import FORMAT_VERSION, atomic_write
+from clipdex.retrieval.checkpoint import FORMAT_VERSION, atomic_write, compact_rows, expand_rows
 from clipdex.retrieval.decoder import DecoderConfig, FusedDecoder
 from clipdex.retrieval.exceptions import CheckpointError
 
@@ -30,9 +30,7 @@ def save_decoder(path: Path, model: FusedDecoder, *, encoder: dict, records: dic
     if half:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     if compact_token_ids is not None:
-        ids = torch.tensor(sorted(set(compact_token_ids)), dtype=torch.int64)
-        full = tensors.pop("wte.weight")
-        tensors["wte.ids"], tensors["wte.rows"] = ids, full[ids].contiguous()
+        tensors = compact_rows(tensors, key="wte.weight", ids=compact_token_ids)
     meta = {"clipdex_format": FORMAT_VERSION, "kind": "decoder",
             "decoder_config": json.dumps(model.cfg.as_dict(), sort_keys=True),
             "encoder": json.dumps(encoder, sort_keys=True), "records": json.dumps(records or {}, sort_keys=True)}
@@ -65,11 +63,7 @@ def load_decoder(path: Path | None = None, *, device: str | torch.device = "cpu"
     path = Path(path) if path else SHIPPED_DECODER
     meta = read_decoder_meta(path)
     model = FusedDecoder(DecoderConfig(**meta["config"]))
-    tensors = load_file(str(path))
-    if "wte.ids" in tensors:
-        full = torch.zeros_like(model.wte.weight)
-        full[tensors.pop("wte.ids")] = tensors.pop("wte.rows").to(full.dtype)
-        tensors["wte.weight"] = full
+    tensors = expand_rows(load_file(str(path)), key="wte.weight")
     try:
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
     except RuntimeError as e:
