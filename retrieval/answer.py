@@ -142,8 +142,8 @@ class Answerer:
 
         pil = vec = None
         if image is not None:
-            pil = image if isinstance(image, Image.Image) else open_rgb(image)
-            vec = self.search.encoder.encode_images([pil])[0]
+            pil = image if isinstance(image, Image.Image) else open_rgb(image)  # kept for backends that read pixels
+            vec = self.search.embed_image(pil)
         if k <= 0:
             return pil, vec, []
         query = vec if vec is not None else self.search.embed_text(question)

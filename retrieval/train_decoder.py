@@ -105,8 +105,9 @@ def train_decoder(cfg: DecoderTrainConfig, *, progress: bool = True, resume: boo
                              heldout_views=held_views, heldout_corpus=held_corpus)
     torch.manual_seed(cfg.seed)
     model = FusedDecoder(dcfg).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith(("wpe", "wse", "wie"))]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith(("wpe", "wse", "wie")))]
+    decays = {n: p.dim() >= 2 and not n.startswith(("wpe", "wse", "wie")) for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    no_decay = [p for n, p in model.named_parameters() if not decays[n]]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     state_path = out.with_name(out.name + ".state.pt")
