@@ -3,7 +3,8 @@
 A manifest needs a ``path`` column (relative paths are resolved against the manifest's folder) and
 captions in either a ``captions`` list column or a ``caption`` string column. Optional: ``id``, ``split``,
 ``foils`` (list of {caption_index, kind, text}: hard-negative captions, as the world writes them) and
-``group`` (rows sharing a group, such as the world's relation-swapped twins, are put in one batch).
+``group`` (rows sharing a group, such as the world's relation-swapped twins, are put in one batch), and the
+world's ``attributes`` and ``caption_claims`` (layout supervision, :mod:`clipdex.retrieval.layout`).
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ class Pairs:
     captions: list[list[str]]
     foils: list[list[dict]] = field(default_factory=list)  # per image: [{"caption_index", "kind", "text"}]
     groups: list[str] = field(default_factory=list)  # rows sharing a group are batched together in training
+    objects: list[list[dict]] = field(default_factory=list)  # per image: the world's attributes.objects
+    caption_claims: list[list[str]] = field(default_factory=list)  # per image: each caption's claims (JSON)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def head(self, n: int) -> "Pairs":
         """The first ``n`` images (a deterministic gallery)."""
-        return Pairs(self.manifest, self.ids[:n], self.paths[:n], self.captions[:n],
-                     self.foils[:n] if self.foils else [], self.groups[:n] if self.groups else [])
+        return Pairs(self.manifest, self.ids[:n], self.paths[:n], self.captions[:n], self.foils[:n],
+                     self.groups[:n], self.objects[:n], self.caption_claims[:n])
 
 
 def read_table(path: str | Path) -> pa.Table:
@@ -91,5 +94,9 @@ def load_pairs(manifest: str | Path, *, split: str | None = None) -> Pairs:
     ids = [str(r["id"]) if r.get("id") is not None else str(r["path"]) for r in rows]  # path when no id column
     foils = [list(r.get("foils") or []) for r in rows] if "foils" in cols else []
     groups = [str(r["group"]) for r in rows] if "group" in cols else []
+    world = "attributes" in cols and "caption_claims" in cols
+    objects = [list((r["attributes"] or {}).get("objects") or []) for r in rows] if world else []
+    claims = [list(r["caption_claims"] or []) for r in rows] if world else []
     paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"] for r in rows]
-    return Pairs(manifest=manifest, ids=ids, paths=paths, captions=captions, foils=foils, groups=groups)
+    return Pairs(manifest=manifest, ids=ids, paths=paths, captions=captions, foils=foils, groups=groups,
+                 objects=objects, caption_claims=claims)

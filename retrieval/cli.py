@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-hard-negatives", action="store_true", help="do not use foils as extra negatives")
     p.add_argument("--foil-weight", type=float, default=1.0,
                    help="weight of the focused caption-vs-foil term (0: foils only as extra negatives)")
+    p.add_argument("--layout-weight", type=float, default=0.0,
+                   help="weight of layout supervision (world manifests only): a head shared by both towers must "
+                   "read where each shape and colour is, from the image and from the caption's cells and "
+                   "relations (0: off)")
     p.add_argument("--eval-gallery", type=int, default=1000, help="held-out gallery size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -165,6 +169,7 @@ def _train(args) -> int:
         manifest=args.manifest, out_dir=args.out, model=args.model, train_split=args.train_split or None,
         eval_split=args.eval_split or None, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, hard_negatives=not args.no_hard_negatives, foil_weight=args.foil_weight,
+        layout_weight=args.layout_weight,
         eval_gallery=args.eval_gallery, seed=args.seed, device=args.device, precision=args.precision,
         workers=args.workers, save_every=args.save_every, max_steps=args.max_steps, time_budget_s=args.time_budget,
         command="clipdex " + shlex.join(sys.argv[1:]) if sys.argv and "clipdex" in sys.argv[0] else "",

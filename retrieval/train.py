@@ -3,7 +3,8 @@
 Hard negatives, as NegCLIP does: each caption's foils (the same words with the related objects swapped,
 or attributes swapped between objects) join the image->text softmax as extra negatives, so the text
 tower must read word order and binding, not a bag of words. AdamW, linear warm-up then cosine decay,
-bf16 autocast on GPU. Every ``save_every`` steps and at each epoch's end the run writes
+bf16 autocast on GPU. With ``layout_weight`` on a world manifest, a shared linear head must read each
+shape's and colour's position from both towers' embeddings (:mod:`clipdex.retrieval.layout`). Every ``save_every`` steps and at each epoch's end the run writes
 ``last.safetensors`` + ``last.state.pt`` (atomically); ``resume`` continues from them at the exact batch.
 After each epoch: held-out recall@1/5/10 both ways and foil accuracy (``metrics.jsonl``).
 """
@@ -27,6 +28,7 @@ from clipdex.retrieval.encoder import DualEncoder, build_model
 from clipdex.retrieval.evaluate import evaluate_retrieval
 from clipdex.retrieval.exceptions import ClipdexError
 from clipdex.retrieval.images import default_workers
+from clipdex.retrieval.layout import LayoutHead
 from clipdex.retrieval.registry import get_model_config
 from clipdex.retrieval.train_data import CaptionedImages, Collate, EpochBatches, single_thread_worker
 
@@ -49,6 +51,7 @@ class TrainConfig:
     warmup_steps: int = 200
     hard_negatives: bool = True
     foil_weight: float = 1.0  # weight of the focused caption-vs-foil term (0 = NegCLIP's extra negatives only)
+    layout_weight: float = 0.0  # weight of the layout head's loss on images + captions (world manifests only)
     eval_gallery: int = 1000
     seed: int = 0
     device: str = "auto"
@@ -135,14 +138,22 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
     loaded = build_model(start_spec, aug_cfg={"scale": tuple(config.aug_scale)})
     arch, model_config = loaded.arch, _arch_config(loaded)
     model = loaded.model.to(device).train()
-    opt = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+    groups = _param_groups(model, config.weight_decay)
+    layout_head = None
+    if config.layout_weight > 0:  # a training-only head: kept in last.state.pt for resume, not in the model
+        layout_head = LayoutHead(int(model.text_projection.shape[1])).to(device)
+        groups.append({"params": list(layout_head.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     if start_spec == str(last_w):
         saved = torch.load(last_s, map_location="cpu", weights_only=True)
         opt.load_state_dict(saved["optimizer"])
+        if layout_head is not None:
+            layout_head.load_state_dict(saved["layout_head"])
         state = TrainState(**json.loads(saved["state"]))
         logger.info("resuming %s at step %d", out, state.step)
 
-    dataset = CaptionedImages(pairs, loaded.preprocess_train, seed=config.seed, hard_negatives=config.hard_negatives)
+    dataset = CaptionedImages(pairs, loaded.preprocess_train, seed=config.seed, hard_negatives=config.hard_negatives,
+                              layout=layout_head is not None)
     if len(dataset) < config.batch_size:
         raise ClipdexError(f"{config.manifest}: {len(dataset)} captioned images in split "
                            f"{config.train_split!r}, fewer than one batch of {config.batch_size}")
@@ -165,6 +176,8 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
         state.used_tokens = used.nonzero().flatten().tolist() if used is not None else []
         save(last_w, records={"training": {"step": state.step}})
         payload = {"optimizer": opt.state_dict(), "state": json.dumps(asdict(state))}
+        if layout_head is not None:
+            payload["layout_head"] = layout_head.state_dict()
         ckpt.atomic_write(last_s, lambda tmp: torch.save(payload, tmp))
 
     t_start = time.time() - state.seconds
@@ -179,7 +192,7 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
                                              collate_fn=Collate(loaded.tokenizer), pin_memory=device.type == "cuda",
                                              worker_init_fn=single_thread_worker if workers else None,
                                              persistent_workers=False, prefetch_factor=4 if workers else None)
-        for images, caps, foils, foil_owner in loader:
+        for images, caps, foils, foil_owner, layout in loader:
             lr = lr_at(state.step, base=config.lr, warmup=config.warmup_steps, total=total)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -193,6 +206,11 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
                 loss = contrastive_loss(img.float(), txt[: len(caps)].float(),
                                         txt[len(caps):].float() if foils is not None else None, scale.float(),
                                         foil_owner=foil_owner.to(device), foil_weight=config.foil_weight)
+                if layout_head is not None:
+                    (img_xy, img_m, img_o), (cap_xy, cap_m, cap_o) = [[t.to(device) for t in part] for part in layout]
+                    layout_loss = (layout_head.loss(img.float(), img_xy, img_m, img_o)
+                                   + layout_head.loss(txt[: len(caps)].float(), cap_xy, cap_m, cap_o))
+                    loss = loss + config.layout_weight * layout_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if used is not None and emb.weight.grad is not None:
@@ -209,7 +227,9 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
                     bar.total = total
                     logger.info("time budget %.0f s at %.1f steps/s: %d steps in all", config.time_budget_s, rate, total)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", scale=f"{scale.item():.1f}", epoch=epoch + 1)
+            shown = {"layout": f"{layout_loss.item():.3f}"} if layout_head is not None else {}
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", scale=f"{scale.item():.1f}", epoch=epoch + 1,
+                            **shown)
             if state.step % config.save_every == 0:
                 state.seconds = time.time() - t_start
                 checkpoint_now()

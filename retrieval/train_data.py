@@ -1,4 +1,5 @@
-"""Training batches: an image, one of its captions, and that caption's foils as extra hard negatives."""
+"""Training batches: an image, one of its captions, that caption's foils as extra hard negatives and, for
+the built-in world, layout targets of the image and the caption (:mod:`clipdex.retrieval.layout`)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,24 @@ import numpy as np
 import torch
 
 from clipdex.data_manifests.pairs import Pairs
+from clipdex.retrieval.exceptions import ManifestError
 from clipdex.retrieval.images import open_rgb
+from clipdex.retrieval.layout import caption_targets, collate_targets, image_targets
 
 
 class CaptionedImages(torch.utils.data.Dataset):
-    """Item ``i``: (image tensor, caption, foil texts); caption and augmentation depend only on (seed, epoch, i),
-    so a resumed run sees exactly the batches an uninterrupted one would."""
+    """Item ``i``: (image tensor, caption, foil texts[, image layout, caption layout]); caption and augmentation
+    depend only on (seed, epoch, i), so a resumed run sees exactly the batches an uninterrupted one would."""
 
-    def __init__(self, pairs: Pairs, transform: Callable, *, seed: int, hard_negatives: bool):
+    def __init__(self, pairs: Pairs, transform: Callable, *, seed: int, hard_negatives: bool, layout: bool = False):
         keep = [i for i, caps in enumerate(pairs.captions) if caps]
+        if layout and not (pairs.objects and pairs.caption_claims):
+            raise ManifestError(f"{pairs.manifest}: layout supervision needs the world's 'attributes' and "
+                                "'caption_claims' columns (a manifest from `clipdex world generate`)")
+        if layout:
+            keep = [i for i in keep if len(pairs.caption_claims[i]) == len(pairs.captions[i])]
         self.pairs, self.keep = pairs, keep
-        self.transform, self.seed, self.hard_negatives = transform, seed, hard_negatives
+        self.transform, self.seed, self.hard_negatives, self.layout = transform, seed, hard_negatives, layout
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -33,7 +41,10 @@ class CaptionedImages(torch.utils.data.Dataset):
         if self.hard_negatives and self.pairs.foils:
             foils = [f["text"] for f in self.pairs.foils[i] if f["caption_index"] == j]
         torch.manual_seed(int(rng.integers(2**62)))  # augmentation too is a function of (seed, epoch, i)
-        return self.transform(open_rgb(self.pairs.paths[i])), caps[j], foils
+        item = (self.transform(open_rgb(self.pairs.paths[i])), caps[j], foils)
+        if self.layout:  # RandomResizedCrop keeps at least 85% of the side: positions move by a few percent
+            item += (image_targets(self.pairs.objects[i]), caption_targets(self.pairs.caption_claims[i][j]))
+        return item
 
     def group_keys(self) -> list[str] | None:
         """The group of each item (None when the manifest has no groups)."""
@@ -41,7 +52,10 @@ class CaptionedImages(torch.utils.data.Dataset):
 
 
 class Collate:
-    """Stack images and tokenize captions and foils (runs in the loader's workers)."""
+    """Stack images, tokenize captions and foils, batch layout targets (runs in the loader's workers).
+
+    Returns (images, captions, foils or None, foil owners, layout or None); layout is the image targets and
+    the caption targets, each as :func:`~clipdex.retrieval.layout.collate_targets` makes them."""
 
     def __init__(self, tokenizer: Callable):
         self.tokenizer = tokenizer
@@ -52,7 +66,10 @@ class Collate:
         foil_texts = [f for it in items for f in it[2]]
         foils = self.tokenizer(foil_texts) if foil_texts else None  # (F, L) or None
         foil_owner = torch.tensor([b for b, it in enumerate(items) for _ in it[2]], dtype=torch.long)  # (F,)
-        return images, captions, foils, foil_owner
+        layout = None
+        if len(items[0]) == 5:
+            layout = (collate_targets([it[3] for it in items]), collate_targets([it[4] for it in items]))
+        return images, captions, foils, foil_owner, layout
 
 
 def single_thread_worker(_: int) -> None:

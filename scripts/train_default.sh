@@ -3,7 +3,8 @@
 # from scratch, and evaluate the compact export at 1,000- and 10,000-image held-out galleries.
 #   scripts/train_default.sh [RUN_DIR] [WORLD_DIR]
 # Environment: TRAIN, TEST (world sizes), EPOCHS, BATCH, BUDGET (seconds of training; unset = no cap),
-# WORKERS, CLIPDEX (the command, default "clipdex").
+# WORKERS, CLIPDEX (the command, default "clipdex"), TWINS (share of twin scenes, 0.5), LAYOUT (weight of
+# layout supervision, --layout-weight; unset = off, as the shipped checkpoint was trained).
 set -euo pipefail
 RUN=${1:-runs/clipdex-world}
 WORLD=${2:-worlds/train-world}
@@ -19,7 +20,7 @@ if [ ! -f "$WORLD/manifest.parquet" ]; then
 fi
 $CLIPDEX train --manifest "$WORLD/manifest.parquet" --out "$RUN" --model clipdex-s:random --seed 0 \
   --epochs "$EPOCHS" --batch-size "$BATCH" --lr 1e-3 --warmup-steps 500 --eval-gallery 1000 \
-  ${BUDGET:+--time-budget $BUDGET} $W --json > "$RUN.train.json"
+  ${BUDGET:+--time-budget $BUDGET} ${LAYOUT:+--layout-weight $LAYOUT} $W --json > "$RUN.train.json"
 for g in 1000 "$TEST"; do
   $CLIPDEX eval retrieval --model "$RUN/model-compact.safetensors" --manifest "$WORLD/manifest.parquet" \
     --split test --gallery "$g" $W --json | tee "$RUN.eval-$g.json"

@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from clipdex.data_manifests.pairs import Pairs, load_pairs
 from clipdex.retrieval import checkpoint as ckpt
+from clipdex.retrieval.exceptions import ManifestError
+from clipdex.retrieval.layout import MARGIN, LayoutHead, caption_targets, collate_targets, image_targets
 from clipdex.retrieval.train import TrainConfig, contrastive_loss, lr_at, train
+from clipdex.retrieval.train_data import CaptionedImages
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -39,6 +43,51 @@ def test_foils_are_extra_negatives():
     assert (focused - close).item() == pytest.approx(np.log(2), abs=0.01)
 
 
+def test_layout_targets_agree_with_the_scenes(tiny_world):
+    """Every caption's layout targets hold for its own image's true object positions: stated cells within
+    half a cell of the object, every ordering ("A left of B") satisfied by more than the margin."""
+    pairs = load_pairs(tiny_world, split="train")
+    orders = cells = 0
+    for objects, claims in zip(pairs.objects, pairs.caption_claims):
+        img = image_targets(objects)
+        for c in claims:
+            cap = caption_targets(c)
+            both = (cap.mask * img.mask) > 0
+            assert np.all(np.abs(cap.xy - img.xy)[both] < 1 / 6 + 1e-6)
+            assert np.all(img.mask[cap.mask > 0] > 0)  # a caption never targets an entity the image lacks
+            cells += int(both.sum())
+            for a, b, axis, sign in cap.order:
+                assert sign * (img.xy[a, axis] - img.xy[b, axis]) < -MARGIN, (c, a, b)
+            orders += len(cap.order)
+    assert orders > 1000 and cells > 1000, (orders, cells)
+
+
+def test_layout_head_loss_is_zero_only_for_a_right_layout():
+    head = LayoutHead(4)
+    img = image_targets([{"shape": "circle", "colour": "red", "x": 0.2, "y": 0.5},
+                         {"shape": "star", "colour": "blue", "x": 0.8, "y": 0.5}])
+    cap = caption_targets([{"type": "object", "shape": "circle", "colour": "red", "cell": None},
+                           {"type": "object", "shape": "star", "colour": "blue", "cell": None},
+                           {"type": "relation", "rel": "left_of", "a": 0, "b": 1}])
+    assert len(cap.order) == 2 and cap.mask.sum() == 0  # circle/star and red/blue orderings, no cells said
+    with torch.no_grad():  # make the head output exactly the image's positions
+        head.proj.weight.zero_()
+        head.proj.bias.copy_(torch.from_numpy(img.xy).flatten())
+    emb = torch.nn.functional.normalize(torch.randn(1, 4), dim=-1)
+    assert head.loss(emb, *collate_targets([img])).item() == pytest.approx(0.0, abs=1e-6)
+    assert head.loss(emb, *collate_targets([cap])).item() == pytest.approx(0.0, abs=1e-6)
+    swapped = caption_targets([{"type": "object", "shape": "circle", "colour": "red", "cell": None},
+                               {"type": "object", "shape": "star", "colour": "blue", "cell": None},
+                               {"type": "relation", "rel": "left_of", "a": 1, "b": 0}])
+    assert head.loss(emb, *collate_targets([swapped])).item() == pytest.approx(0.6 + MARGIN, abs=1e-5)
+
+
+def test_layout_needs_a_world_manifest(tmp_path):
+    pairs = Pairs(tmp_path / "pairs.csv", ["a"], [tmp_path / "a.jpg"], [["a red circle"]])
+    with pytest.raises(ManifestError, match="pairs.csv.*caption_claims"):
+        CaptionedImages(pairs, lambda im: im, seed=0, hard_negatives=True, layout=True)
+
+
 @pytest.mark.slow
 def test_tiny_model_learns(tiny_world, tmp_path):
     record = train(TrainConfig(manifest=str(tiny_world), out_dir=str(tmp_path), model="clipdex-tiny:random",
@@ -62,8 +111,10 @@ def test_tiny_model_learns(tiny_world, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
-    """SIGKILL mid-run, re-run the same command: the final weights equal an uninterrupted run's."""
+    """SIGKILL mid-run, re-run the same command: the final weights equal an uninterrupted run's (with the
+    layout head, whose weights live only in the resume state)."""
     args = ["train", "--manifest", str(tiny_world), "--model", "clipdex-tiny:random", "--epochs", "2",
+            "--layout-weight", "0.5",
             "--batch-size", "64", "--warmup-steps", "3", "--eval-split", "", "--workers", "0",
             "--save-every", "4", "--lr", "1e-3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
