@@ -4,8 +4,9 @@ Hard negatives, as NegCLIP does: each caption's foils (the same words with the r
 or attributes swapped between objects) join the image->text softmax as extra negatives, so the text
 tower must read word order and binding, not a bag of words. AdamW, linear warm-up then cosine decay,
 bf16 autocast on GPU. With ``layout_weight`` on a world manifest, a shared linear head must read each
-shape's and colour's position from both towers' embeddings (:mod:`clipdex.retrieval.layout`). Every ``save_every`` steps and at each epoch's end the run writes
-``last.safetensors`` + ``last.state.pt`` (atomically); ``resume`` continues from them at the exact batch.
+shape's and colour's position from both towers' embeddings (:mod:`clipdex.retrieval.layout`). Every
+``save_every`` steps and at each epoch's end the run writes ``last.safetensors`` + ``last.state.pt``
+(atomically); ``resume`` continues from them at the exact batch.
 After each epoch: held-out recall@1/5/10 both ways and foil accuracy (``metrics.jsonl``).
 """
 
@@ -146,6 +147,9 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
     opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
     if start_spec == str(last_w):
         saved = torch.load(last_s, map_location="cpu", weights_only=True)
+        if (layout_head is not None) != ("layout_head" in saved):
+            raise ClipdexError(f"{out}: the run there was started {'without' if layout_head is not None else 'with'} "
+                               "--layout-weight; resume it with the same setting, or start over with --no-resume")
         opt.load_state_dict(saved["optimizer"])
         if layout_head is not None:
             layout_head.load_state_dict(saved["layout_head"])

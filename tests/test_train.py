@@ -13,7 +13,7 @@ import torch
 
 from clipdex.data_manifests.pairs import Pairs, load_pairs
 from clipdex.retrieval import checkpoint as ckpt
-from clipdex.retrieval.exceptions import ManifestError
+from clipdex.retrieval.exceptions import ClipdexError, ManifestError
 from clipdex.retrieval.layout import MARGIN, LayoutHead, caption_targets, collate_targets, image_targets
 from clipdex.retrieval.train import TrainConfig, contrastive_loss, lr_at, train
 from clipdex.retrieval.train_data import CaptionedImages
@@ -86,6 +86,15 @@ def test_layout_needs_a_world_manifest(tmp_path):
     pairs = Pairs(tmp_path / "pairs.csv", ["a"], [tmp_path / "a.jpg"], [["a red circle"]])
     with pytest.raises(ManifestError, match="pairs.csv.*caption_claims"):
         CaptionedImages(pairs, lambda im: im, seed=0, hard_negatives=True, layout=True)
+
+
+def test_resume_refuses_a_changed_layout_setting(tiny_world, tmp_path):
+    cfg = dict(manifest=str(tiny_world), out_dir=str(tmp_path), model="clipdex-tiny:random", batch_size=64,
+               eval_split=None, workers=0, save_every=1, max_steps=1, epochs=1)
+    train(TrainConfig(**cfg), progress=False)
+    cfg["max_steps"] = 2
+    with pytest.raises(ClipdexError, match="without --layout-weight.*--no-resume"):
+        train(TrainConfig(**cfg, layout_weight=0.5), progress=False)
 
 
 @pytest.mark.slow
