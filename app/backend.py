@@ -20,9 +20,9 @@ from PIL import Image
 from clipdex.app.inputs import InputError, decode_checked
 from clipdex.app.jobs import IndexJobs
 from clipdex.app.settings import AppSettings
-from clipdex.retrieval.exceptions import ClipdexError
-from clipdex.retrieval.search import SearchCollection
-from clipdex.retrieval.store import Collection, Database
+from clipdex.exceptions import ClipdexError
+from clipdex.retrieval.store.search import SearchCollection
+from clipdex.retrieval.store.record import Collection, Database
 
 THUMB_PX = 192
 
@@ -48,7 +48,7 @@ class LoadedCollection:
 @st.cache_resource(show_spinner="Loading the model (once per process)...")
 def encoder(spec: str, device: str):
     """The dual encoder for ``spec`` (shared by every collection indexed with it)."""
-    from clipdex.retrieval.encoder import load_encoder
+    from clipdex.retrieval.models.encoder import load_encoder
 
     return load_encoder(spec, device=device)
 
@@ -56,7 +56,7 @@ def encoder(spec: str, device: str):
 @st.cache_resource(show_spinner="Loading the answering decoder (once per process)...")
 def decoder(path: str, device: str):
     """The built-in fused decoder (``path`` empty: the shipped one), shared by every session."""
-    from clipdex.retrieval.answer import BuiltinBackend
+    from clipdex.retrieval.answer.answerer import BuiltinBackend
 
     return BuiltinBackend(path or None, device=device)
 
@@ -170,7 +170,7 @@ def measured_recall(db: str, name: str, images_version: int, manifest: str, spli
                     gallery: int = 1000) -> dict:
     """Recall@1/5/10 both ways of the collection against its manifest (cached per table version)."""
     from clipdex.data_manifests.pairs import load_pairs
-    from clipdex.retrieval.collection_eval import evaluate_collection
+    from clipdex.retrieval.evaluation.collection import evaluate_collection
 
     pairs = load_pairs(manifest, split=split)
     return evaluate_collection(Database(db).open(name), pairs, gallery=min(gallery, len(pairs)))

@@ -12,8 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from clipdex.indexer.decode import decode_image
-from clipdex.retrieval.exceptions import ClipdexError, StoreError
-from clipdex.retrieval.store import check_name
+from clipdex.exceptions import ClipdexError, StoreError
+from clipdex.retrieval.store.record import check_name
 
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipdex.retrieval.store import DEFAULT_COLLECTION, DEFAULT_DB
+from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB
 
 ENV_PREFIX = "CLIPDEX_APP_"
 

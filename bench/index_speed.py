@@ -75,7 +75,7 @@ def encoder_only(*, model: str, folder: Path, batch_size: int, warmup: int) -> d
 
     from clipdex.indexer.decode import DecodePool
     from clipdex.indexer.reader import read_folder
-    from clipdex.retrieval.encoder import load_encoder
+    from clipdex.retrieval.models.encoder import load_encoder
 
     enc = load_encoder(model)
     items = read_folder(folder).items
@@ -98,7 +98,7 @@ def encoder_only(*, model: str, folder: Path, batch_size: int, warmup: int) -> d
 def end_to_end(*, model: str, folder: Path, db: Path, batch_size: int, workers: int | None) -> dict:
     """``run_index`` from ``folder`` into a fresh database at ``db``; returns the summary without failures."""
     from clipdex.indexer.runner import IndexSettings, run_index
-    from clipdex.retrieval.index import IndexConfig
+    from clipdex.retrieval.store.faiss_index import IndexConfig
 
     shutil.rmtree(db, ignore_errors=True)
     settings = IndexSettings(source=str(folder), db=str(db), collection="bench", model=model, batch_size=batch_size,
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from clipdex.retrieval.images import default_workers
+    from clipdex.retrieval.models.images import default_workers
 
     if args.threads:
         torch.set_num_threads(args.threads)

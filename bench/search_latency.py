@@ -45,7 +45,7 @@ def ensure_collection(*, db, name: str, info, size: int, centres: np.ndarray, no
     """
     import pyarrow as pa
 
-    from clipdex.retrieval.store import images_schema
+    from clipdex.retrieval.store.record import images_schema
 
     if name in db.collections():
         col = db.open(name)
@@ -114,8 +114,8 @@ def pct(xs: list[float]) -> dict:
 def _load_in_child(db_path: str, name: str, config: dict) -> dict:
     import faiss  # noqa: F401 - imported before measuring: the library's own size is not the index's
 
-    from clipdex.retrieval.index import IndexConfig, load_for
-    from clipdex.retrieval.store import Database
+    from clipdex.retrieval.store.faiss_index import IndexConfig, load_for
+    from clipdex.retrieval.store.record import Database
 
     col = Database(db_path).open(name)
     col.versions(), col.images.count_rows()  # warm LanceDB (load_for's freshness check) before measuring
@@ -161,8 +161,8 @@ def time_queries(*, sc, loaded, texts: list[str], queries: np.ndarray, k: int):
 def bench_kind(*, col, kind: str, config, encoder, texts: list[str], queries: np.ndarray, k: int,
                truth: np.ndarray | None) -> dict:
     """Build, load and query one index kind of ``col``; returns its row of the report (with ``ids`` found)."""
-    from clipdex.retrieval.index import build_for
-    from clipdex.retrieval.search import SearchCollection
+    from clipdex.retrieval.store.faiss_index import build_for
+    from clipdex.retrieval.store.search import SearchCollection
 
     t0 = time.perf_counter()
     sidecar = build_for(col, "images", config=config).sidecar  # the built index is dropped: load_for reads it
@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     import faiss
     import torch
 
-    from clipdex.retrieval.encoder import load_encoder
-    from clipdex.retrieval.index import IndexConfig
-    from clipdex.retrieval.store import Database
+    from clipdex.retrieval.models.encoder import load_encoder
+    from clipdex.retrieval.store.faiss_index import IndexConfig
+    from clipdex.retrieval.store.record import Database
 
     if args.threads:
         torch.set_num_threads(args.threads)

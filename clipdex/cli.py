@@ -1,4 +1,4 @@
-"""The ``clipdex`` command line: one subcommand per job, each registered by the module that owns it.
+"""The ``clipdex`` command line: one subcommand per job, each registered by its module in ``clipdex.commands``.
 
 ``main(argv=None) -> int`` so tests can call it in process as well as in a subprocess. Library code never
 prints; subcommands decide what the user sees (a table by default, JSON with ``--json``).
@@ -11,7 +11,7 @@ import logging
 import sys
 
 from clipdex import __version__
-from clipdex.retrieval.exceptions import ClipdexError
+from clipdex.exceptions import ClipdexError
 
 EPILOG = """\
 examples:
@@ -33,10 +33,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand registered."""
     # Imported here, not at module top, so `clipdex --help` stays fast and import has no side effects.
-    from clipdex.app import cli as app_cli
-    from clipdex.data_manifests.world import cli as world_cli
-    from clipdex.indexer import cli as indexer_cli
-    from clipdex.retrieval import cli as retrieval_cli
+    from clipdex.commands import app, ask, demo, eval, index, models, search, train, world
 
     parser = argparse.ArgumentParser(
         prog="clipdex",
@@ -48,10 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipdex {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    world_cli.register(sub)
-    indexer_cli.register(sub)
-    retrieval_cli.register(sub)
-    app_cli.register(sub)
+    for command in (world, index, models, train, eval, search, demo, ask, app):
+        command.register(sub)
     return parser
 
 

@@ -4,7 +4,7 @@ A manifest needs a ``path`` column (relative paths are resolved against the mani
 captions in either a ``captions`` list column or a ``caption`` string column. Optional: ``id``, ``split``,
 ``foils`` (list of {caption_index, kind, text}: hard-negative captions, as the world writes them) and
 ``group`` (rows sharing a group, such as the world's relation-swapped twins, are put in one batch), and the
-world's ``attributes`` and ``caption_claims`` (layout supervision, :mod:`clipdex.retrieval.layout`).
+world's ``attributes`` and ``caption_claims`` (layout supervision, :mod:`clipdex.retrieval.training.layout`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from clipdex.retrieval.exceptions import ManifestError
+from clipdex.exceptions import ManifestError
 
 
 @dataclass

@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdex.retrieval.exceptions import ManifestError
+from clipdex.exceptions import ManifestError
 
 MANIFEST_NAME = "manifest.parquet"
 SCHEMA_VERSION = "1"
@@ -99,7 +99,7 @@ def write_manifest(table: pa.Table, path: str | Path) -> Path:
 def read_manifest(path: str | Path) -> pa.Table:
     """Read a world manifest and check it has every column of ``WORLD_SCHEMA``.
 
-    Raises :class:`~clipdex.retrieval.exceptions.ManifestError` naming the file when it is missing,
+    Raises :class:`~clipdex.exceptions.ManifestError` naming the file when it is missing,
     unreadable, or lacks a required column.
     """
     path = Path(path)

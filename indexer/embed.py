@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 
-from clipdex.retrieval.encoder import DualEncoder
+from clipdex.retrieval.models.encoder import DualEncoder
 
 
 class Embedder:

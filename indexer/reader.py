@@ -7,7 +7,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from clipdex.retrieval.exceptions import ManifestError
+from clipdex.exceptions import ManifestError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = frozenset({".parquet", ".csv", ".jsonl", ".ndjson", ".json"})

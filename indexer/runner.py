@@ -22,9 +22,9 @@ from clipdex.indexer.decode import DEFAULT_MAX_PIXELS, DecodePool, hash_file
 from clipdex.indexer.embed import Embedder
 from clipdex.indexer.reader import SourceItem, SourceListing, read_source
 from clipdex.indexer.writer import StoreWriter
-from clipdex.retrieval.exceptions import StoreError
-from clipdex.retrieval.index import IndexConfig, load_for
-from clipdex.retrieval.store import DEFAULT_COLLECTION, DEFAULT_DB, Collection, Database
+from clipdex.exceptions import StoreError
+from clipdex.retrieval.store.faiss_index import IndexConfig, load_for
+from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB, Collection, Database
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def run_index(settings: IndexSettings, *, progress: bool = True, on_progress: Pr
     ``on_progress(done, total)`` is called once the plan is made and after every batch (done counts the
     unchanged files too). ``encoder``: an already loaded :class:`DualEncoder` for ``settings.model`` (a long-
     lived process such as the app reuses its own instead of loading a second copy)."""
-    from clipdex.retrieval.images import default_workers
-    from clipdex.retrieval.spec import parse_model_spec
+    from clipdex.retrieval.models.images import default_workers
+    from clipdex.retrieval.models.spec import parse_model_spec
 
     t_start = time.perf_counter()
     parse_model_spec(settings.model)  # a mistyped spec fails before any work
@@ -142,7 +142,7 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
          on_progress: ProgressHook | None, encoder) -> dict:
     from tqdm import tqdm
 
-    from clipdex.retrieval.encoder import load_encoder
+    from clipdex.retrieval.models.encoder import load_encoder
 
     times: dict[str, float] = {}
     workers = pool.workers

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipdex.indexer.reader import SourceItem
-from clipdex.retrieval.store import Collection
+from clipdex.retrieval.store.record import Collection
 
 
 def _vectors(rows: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from clipdex.retrieval.answer_data import random_facts, swap_facts
-from clipdex.retrieval.answer_generate import beam_search, greedy
-from clipdex.retrieval.answer_prompt import (Prompt, add_answer, collate, decode_ids, encode_prompt, encode_text,
+from clipdex.retrieval.training.decoder_data import random_facts, swap_facts
+from clipdex.retrieval.answer.generate import beam_search, greedy
+from clipdex.retrieval.answer.prompt import (Prompt, add_answer, collate, decode_ids, encode_prompt, encode_text,
                                              normalise, restore_case)
-from clipdex.retrieval.decoder import IGNORE, DecoderConfig, FusedDecoder
+from clipdex.retrieval.answer.decoder import IGNORE, DecoderConfig, FusedDecoder
 from tests.conftest import run_cli
 
 TINY = DecoderConfig(d_model=32, n_layer=1, n_head=2, image_tokens=2, dropout=0.0, max_len=200)

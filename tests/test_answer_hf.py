@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from clipdex.retrieval.answer_backend import GeneratedAnswer, RetrievedItem
-from clipdex.retrieval.answer_hf import CAPTION_INSTRUCTION, HF_PREFIX, HFAnswerBackend
-from clipdex.retrieval.exceptions import MissingDependencyError, ModelSpecError
+from clipdex.retrieval.answer.backend import GeneratedAnswer, RetrievedItem
+from clipdex.retrieval.answer.hf import CAPTION_INSTRUCTION, HF_PREFIX, HFAnswerBackend
+from clipdex.exceptions import MissingDependencyError, ModelSpecError
 
 IMAGE_SEQ_LEN = 4  # (image_size 32 / patch 8)^2 / scale_factor^2
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",
@@ -185,7 +185,7 @@ def test_items_without_readable_image_are_left_out(backend, items, tmp_path, cap
     broken.write_bytes(b"not a png")
     extra = [RetrievedItem(rank=3, id="no-file", path=None, caption="lost", score=0.2),
              RetrievedItem(rank=4, id="broken", path=str(broken), caption=None, score=0.1)]
-    with caplog.at_level(logging.WARNING, logger="clipdex.retrieval.answer_hf"):
+    with caplog.at_level(logging.WARNING, logger="clipdex.retrieval.answer.hf"):
         inputs = backend.build_inputs(question=QUESTION, image=None, items=items[:1] + extra)
     prompt = _prompt(backend, inputs)
     assert "[1] a red square on grey" in prompt and "[3]" not in prompt and "[4]" not in prompt

@@ -64,7 +64,7 @@ def test_index_folder_must_be_under_a_root_and_outside_the_database(tmp_path):
 
 
 def test_app_command_binds_locally_with_xsrf_and_an_upload_limit():
-    from clipdex.app.cli import streamlit_command
+    from clipdex.commands.app import streamlit_command
     from clipdex.app.settings import AppSettings
     from clipdex.cli import build_parser
 

@@ -76,7 +76,7 @@ def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_pa
     import open_clip
 
     from clipdex.data_manifests.pairs import load_pairs
-    from clipdex.retrieval import checkpoint as ckpt
+    from clipdex.retrieval.models import checkpoint as ckpt
 
     torch.manual_seed(0)
     start = tmp_path / "open_clip_pytorch_model.pt"

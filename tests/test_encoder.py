@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdex.retrieval import checkpoint as ckpt
-from clipdex.retrieval.encoder import build_model, load_encoder
-from clipdex.retrieval.exceptions import CheckpointError
-from clipdex.retrieval.registry import get_model_config
+from clipdex.retrieval.models import checkpoint as ckpt
+from clipdex.retrieval.models.encoder import build_model, load_encoder
+from clipdex.exceptions import CheckpointError
+from clipdex.retrieval.models.registry import get_model_config
 
 
 @pytest.fixture(scope="module")

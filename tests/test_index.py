@@ -31,7 +31,7 @@ def _search(db, *args):
 
 def _rows(db, collection):
     """(ids, vectors) of a collection's images and captions, sorted by id, read straight from LanceDB."""
-    from clipdex.retrieval.store import Database
+    from clipdex.retrieval.store.record import Database
 
     col = Database(db).open(collection)
     out = {}
@@ -66,7 +66,7 @@ def test_index_manifest_then_recall(world_db, tiny_world):
 def test_text_search_finds_images_by_their_own_captions(world_db, tiny_world):
     """Python API: most images come back in the top 5 for one of their own captions."""
     from clipdex.data_manifests.pairs import load_pairs
-    from clipdex.retrieval.search import open_collection
+    from clipdex.retrieval.store.search import open_collection
 
     db, _ = world_db
     pairs = load_pairs(tiny_world, split="test")
@@ -98,7 +98,7 @@ def test_search_cli_json_contract_and_image_to_text(world_db, tiny_world):
 
 def test_image_to_text_returns_own_captions(world_db, tiny_world):
     from clipdex.data_manifests.pairs import load_pairs
-    from clipdex.retrieval.search import open_collection
+    from clipdex.retrieval.store.search import open_collection
 
     db, _ = world_db
     pairs = load_pairs(tiny_world, split="test")
@@ -110,7 +110,7 @@ def test_image_to_text_returns_own_captions(world_db, tiny_world):
 
 
 def test_reindex_is_a_noop(world_db, tiny_world):
-    from clipdex.retrieval.store import Database
+    from clipdex.retrieval.store.record import Database
 
     db, _ = world_db
     before = Database(db).open("world").versions()
@@ -256,7 +256,7 @@ def test_every_format_and_exif_orientation(tiny_world, tmp_path):
 
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.indexer.runner import IndexSettings, run_index
-    from clipdex.retrieval.search import open_collection
+    from clipdex.retrieval.store.search import open_collection
 
     pairs = load_pairs(tiny_world, split="test")
     root = tmp_path / "formats"

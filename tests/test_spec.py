@@ -2,8 +2,8 @@
 
 import pytest
 
-from clipdex.retrieval.exceptions import ModelSpecError
-from clipdex.retrieval.spec import parse_model_spec
+from clipdex.exceptions import ModelSpecError
+from clipdex.retrieval.models.spec import parse_model_spec
 
 
 @pytest.mark.parametrize(

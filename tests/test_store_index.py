@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from clipdex.retrieval.index import IndexConfig, build_faiss, load_for, recall_vs_exact
-from clipdex.retrieval.search import SearchCollection, glob_to_like
-from clipdex.retrieval.store import Database
+from clipdex.retrieval.store.faiss_index import IndexConfig, build_faiss, load_for, recall_vs_exact
+from clipdex.retrieval.store.search import SearchCollection, glob_to_like
+from clipdex.retrieval.store.record import Database
 
 
 def _clustered(n, d=32, centres=50, seed=0):
@@ -33,7 +33,7 @@ def test_approximate_index_recall_is_measured_against_exact():
 
 @pytest.fixture()
 def info():
-    from clipdex.retrieval.encoder import EncoderInfo
+    from clipdex.retrieval.models.encoder import EncoderInfo
 
     return EncoderInfo(spec="test", arch="t", embed_dim=32, image_size=8, context_length=77, mean=(0.5,), std=(0.5,))
 
@@ -82,7 +82,7 @@ def test_glob_to_like(glob, like):
 def test_encoder_mismatch_names_both(tmp_path, info):
     from dataclasses import replace
 
-    from clipdex.retrieval.exceptions import ModelMismatchError
+    from clipdex.exceptions import ModelMismatchError
 
     db = Database(tmp_path / "db", create=True)
     db.open_or_create("c", info=info)
@@ -93,7 +93,7 @@ def test_encoder_mismatch_names_both(tmp_path, info):
 def test_trimmed_text_encoding_equals_open_clip():
     import torch
 
-    from clipdex.retrieval.encoder import build_model, encode_text_trimmed
+    from clipdex.retrieval.models.encoder import build_model, encode_text_trimmed
 
     m = build_model("clipdex-tiny:random")
     tokens = m.tokenizer(["a red circle", "a big blue striped star left of a small green square", "x"])
@@ -129,8 +129,8 @@ def test_orphan_captions_never_reach_the_index(tmp_path, info):
 def test_same_name_other_weights_is_refused(tmp_path, info):
     from dataclasses import replace
 
-    from clipdex.retrieval.encoder import load_encoder
-    from clipdex.retrieval.exceptions import ModelMismatchError
+    from clipdex.retrieval.models.encoder import load_encoder
+    from clipdex.exceptions import ModelMismatchError
 
     db = Database(tmp_path / "db", create=True)
     db.open_or_create("old", info=info)  # a store from before fingerprints: weights ""

@@ -16,13 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipdex.data_manifests.schema import WORLD_SCHEMA, read_manifest, write_manifest
-from clipdex.data_manifests.world import cli as world_cli
+from clipdex.commands import world as world_cli
 from clipdex.data_manifests.world.claims import satisfies, score
 from clipdex.data_manifests.world.generate import WorldConfig, generate_world
 from clipdex.data_manifests.world.oracle import oracle_recall
 from clipdex.data_manifests.world.render import render_scene
 from clipdex.data_manifests.world.scene import Background, LandmarkFacts, Scene, SceneObject
-from clipdex.retrieval.exceptions import ManifestError
+from clipdex.exceptions import ManifestError
 
 SMALL = dict(train=60, test=300, corpus=40, landmarks=5, views_per_landmark=2)
 TINY = dict(train=12, test=12, corpus=8, landmarks=2, views_per_landmark=2, image_size=64)
@@ -163,7 +163,7 @@ def test_oracle_recall_is_high(small_world):
 def test_oracle_fast_path_matches_plain_scoring(rows):
     from clipdex.data_manifests.world.claims import as_scene
     from clipdex.data_manifests.world.oracle import score_matrix
-    from clipdex.retrieval.metrics import pessimistic_ranks
+    from clipdex.metrics import pessimistic_ranks
 
     gallery = [r for r in rows if r["split"] in ("test", "corpus")][:120]
     scenes = [as_scene(r) for r in gallery]
@@ -286,7 +286,7 @@ def test_cli_register_in_process(tmp_path, capsys):
     assert args.func(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"] == {"train": 4, "test": 3, "corpus": 3, "query": 1}
-    from clipdex.retrieval.exceptions import ClipdexError
+    from clipdex.exceptions import ClipdexError
     with pytest.raises(ClipdexError, match="not empty"):
         args.func(args)
 

@@ -1,7 +1,7 @@
 """Ask: a question about an image (or none, for a caption), answered from the collection with its evidence.
 
 The image retrieves the collection's top-k images with their first captions; the built-in fused decoder
-answers from them (:mod:`clipdex.retrieval.answer`, the same path as ``clipdex ask``). The evidence is shown
+answers from them (:mod:`clipdex.retrieval.answer.answerer`, the same path as ``clipdex ask``). The evidence is shown
 with each item's retrieval score and its weight: the share of the answer's probability mass that came from
 it. The item the answer rests on most is marked.
 """
@@ -10,8 +10,8 @@ import streamlit as st
 
 from clipdex.app import backend, widgets
 from clipdex.app.settings import AppSettings
-from clipdex.retrieval.exceptions import ClipdexError
-from clipdex.retrieval.search import Hit
+from clipdex.exceptions import ClipdexError
+from clipdex.retrieval.store.search import Hit
 
 cfg = AppSettings.from_env()
 widgets.sidebar(cfg)
@@ -33,7 +33,7 @@ if image is None:
     st.error("Upload an image or pick one from the collection first.")
     st.stop()
 try:
-    from clipdex.retrieval.answer import Answerer
+    from clipdex.retrieval.answer.answerer import Answerer
 
     answerer = Answerer(loaded.search, backend.decoder(cfg.decoder, cfg.device))  # refuses another encoder
     result, seconds = backend.timed(answerer.ask, image=image, question=question or None, k=k, beams=beams)

@@ -5,7 +5,7 @@ import streamlit as st
 
 from clipdex.app import backend, widgets
 from clipdex.app.settings import AppSettings
-from clipdex.retrieval.exceptions import ClipdexError
+from clipdex.exceptions import ClipdexError
 
 TEXT_TO_IMAGE, IMAGE_TO_IMAGE, IMAGE_TO_TEXT = "text → image", "image → image", "image → text"
 

@@ -2,7 +2,7 @@
 
 It scores a caption against an image with the graded claims score (:func:`.claims.score`), so its
 recall is the ceiling the captions allow: a caption that also fits another gallery image ties with it,
-and ties count against (:mod:`clipdex.retrieval.metrics`), exactly as in the model evaluation.
+and ties count against (:mod:`clipdex.metrics`), exactly as in the model evaluation.
 
 Speed: a caption can only be fully satisfied by an image with the same background, the same set of
 (shape, colour) pairs (a 64-bit mask, as there are 8 x 8 pairs) and, for landmark captions, the same
@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from clipdex.data_manifests.world import vocab
 from clipdex.data_manifests.world.claims import as_scene, score
-from clipdex.retrieval.metrics import DEFAULT_KS, ranks_by_owner, recall_at
+from clipdex.metrics import DEFAULT_KS, ranks_by_owner, recall_at
 
 _SHAPE = {s: i for i, s in enumerate(vocab.SHAPES)}
 _COLOUR = {c: i for i, c in enumerate(vocab.COLOURS)}

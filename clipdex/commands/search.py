@@ -1,0 +1,98 @@
+"""``clipdex search`` (text->image, image->image, image->text) and ``clipdex collections``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``search`` and ``collections`` to the ``clipdex`` parser."""
+    _add_search(sub)
+    _add_collections(sub)
+
+
+def _add_search(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "search", help="search a collection: text->image, image->image, image->text",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Search an indexed collection. A text query finds images; --image FILE finds similar "
+        "images; --image FILE --captions finds the captions that describe it. Scores are cosine similarities.",
+        epilog="examples:\n"
+        "  clipdex search \"a red circle left of a star\"\n"
+        "  clipdex search --image query.jpg -k 5\n"
+        "  clipdex search --image query.jpg --captions\n"
+        "  clipdex search \"two blue squares\" --path 'album-3/*' --where 'width >= 64' --json\n"
+        "JSON: {\"query\": ..., \"results\": [{\"rank\", \"id\", \"path\", \"caption\", \"score\"}, ...]}")
+    p.add_argument("text", nargs="?", help="text query (omit with --image)")
+    p.add_argument("--image", help="image file to query with")
+    p.add_argument("--captions", action="store_true", help="with --image: return captions, not images")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database folder (default: {DEFAULT_DB})")
+    p.add_argument("--collection", default=DEFAULT_COLLECTION, help="collection (default: %(default)s)")
+    p.add_argument("-k", "--top-k", type=int, default=10, help="results (default: %(default)s)")
+    p.add_argument("--min-score", type=float, default=None, help="drop results below this cosine score")
+    p.add_argument("--path", default=None, metavar="GLOB",
+                   help="only images whose path matches (a relative glob matches at any depth: 'album-3/*', '*.png')")
+    p.add_argument("--where", default=None, metavar="SQL",
+                   help="LanceDB filter over columns id, path, source, size, mtime, width, height")
+    p.add_argument("--model", default=None, help="encoder (default: the one the collection was indexed with)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_search)
+
+
+def _add_collections(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("collections", help="list the collections of a database",
+                       description="List the collections of a database folder with their sizes and encoders.")
+    p.add_argument("--db", default=DEFAULT_DB, help=f"database folder (default: {DEFAULT_DB})")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_collections)
+
+
+def _search(args) -> int:
+    from clipdex.exceptions import ClipdexError
+    from clipdex.retrieval.store.search import open_collection
+
+    if bool(args.text) == bool(args.image):
+        raise ClipdexError("give a text query or --image FILE (one of them)")
+    if args.captions and not args.image:
+        raise ClipdexError("--captions needs --image FILE (image->text search)")
+    col = open_collection(args.db, collection=args.collection, model=args.model, device=args.device)
+    opts = {"k": args.top_k, "min_score": args.min_score, "where": args.where, "path_glob": args.path}
+    if args.image:
+        hits = col.search_captions(args.image, **opts) if args.captions else col.search_image(args.image, **opts)
+    else:
+        hits = col.search_text(args.text, **opts)
+    query = args.text if args.text else args.image
+    if args.json:
+        print(json.dumps({"query": query, "kind": "image->text" if args.captions else
+                          ("image->image" if args.image else "text->image"),
+                          "collection": args.collection, "results": [h.as_dict() for h in hits]}))
+        return 0
+    print(f"{'rank':>4}  {'score':>6}  {'caption' if args.captions else 'path'}")
+    for h in hits:
+        print(f"{h.rank:>4}  {h.score:>6.3f}  {h.caption if args.captions else h.path}")
+    if not hits:
+        print("(no results)")
+    return 0
+
+
+def _collections(args) -> int:
+    from clipdex.retrieval.store.record import Database
+
+    db = Database(args.db)
+    rows = []
+    for name in db.collections():
+        col = db.open(name)
+        info = col.encoder_info()
+        rows.append({"collection": name, "images": col.count(), "captions": col.captions.count_rows(),
+                     "model": info.spec, "embed_dim": info.embed_dim})
+    if args.json:
+        print(json.dumps({"db": str(db.path), "collections": rows}))
+        return 0
+    print(f"{'collection':<24}{'images':>10}{'captions':>10}  model")
+    for r in rows:
+        print(f"{r['collection']:<24}{r['images']:>10}{r['captions']:>10}  {r['model']} ({r['embed_dim']}-d)")
+    return 0

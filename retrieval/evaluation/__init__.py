@@ -1,0 +1,1 @@
+"""Evaluation: retrieval recall and foils, a collection's recall, grounded-answer evaluation."""

@@ -1,0 +1,110 @@
+"""Held-out retrieval evaluation: recall@1/5/10 both ways and ARO-style foil accuracy.
+
+Gallery: the first ``gallery`` images of the split, in manifest order. text->image: every caption of
+every gallery image queries the gallery images. image->text: every gallery image queries every caption
+of the gallery. Identical caption strings are embedded once, so they score identically and the
+pessimistic ranking of :mod:`clipdex.metrics` counts such ties against the model.
+Foil accuracy: how often an image scores its true caption strictly above the caption's foil
+(``relation``: the related objects swapped; ``attribute``: attributes swapped between objects).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from clipdex.data_manifests.pairs import Pairs
+from clipdex.retrieval.models.encoder import DualEncoder
+from clipdex.retrieval.models.images import iter_image_batches
+from clipdex.metrics import DEFAULT_KS, ranks_by_owner, recall_at
+
+
+def embed_pairs_images(encoder: DualEncoder, pairs: Pairs, *, batch_size: int = 256,
+                       workers: int | None = None) -> np.ndarray:
+    """(N, D) image embeddings of ``pairs`` in order."""
+    out = [encoder.encode_image_tensors(b).cpu().numpy()
+           for b in iter_image_batches(pairs.paths, encoder.preprocess, batch_size=batch_size, workers=workers)]
+    return np.concatenate(out)
+
+
+def embed_unique_texts(encoder: DualEncoder, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Embed each distinct string once; returns (unique embeddings, index of each text into them)."""
+    uniq, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
+    return encoder.encode_texts(list(uniq)), inverse
+
+
+@dataclass
+class GalleryEmbeddings:
+    """A gallery embedded once: images, every caption (with its owner image) and the foils."""
+
+    spec: str
+    img: np.ndarray  # (N, D)
+    texts: list[str]
+    owner: np.ndarray  # (C,) index of each caption's image
+    txt: np.ndarray  # (C, D); identical strings have identical rows
+    cap_pos: dict[tuple[int, int], int]  # (image, caption index) -> row of txt
+    foils: list[tuple[int, int, str]]  # (image, caption index, kind)
+    foil_emb: np.ndarray  # (F, D)
+
+
+def embed_gallery(encoder: DualEncoder, pairs: Pairs, *, gallery: int = 1000,
+                  workers: int | None = None) -> GalleryEmbeddings:
+    """Embed the first ``gallery`` images of ``pairs``, their captions and their foils."""
+    g = pairs.head(gallery)
+    img = embed_pairs_images(encoder, g, workers=workers)
+    texts, owner, cap_pos = [], [], {}
+    for i, caps in enumerate(g.captions):
+        for j, c in enumerate(caps):
+            cap_pos[(i, j)] = len(texts)
+            texts.append(c)
+            owner.append(i)
+    foil_items = [(i, f["caption_index"], f["kind"], f["text"]) for i, fs in enumerate(g.foils) for f in fs
+                  if (i, f["caption_index"]) in cap_pos]
+    uniq_emb, inverse = embed_unique_texts(encoder, texts + [f[3] for f in foil_items])
+    return GalleryEmbeddings(spec=encoder.info.spec, img=img, texts=texts, owner=np.array(owner),
+                             txt=uniq_emb[inverse[: len(texts)]], cap_pos=cap_pos,
+                             foils=[f[:3] for f in foil_items], foil_emb=uniq_emb[inverse[len(texts):]])
+
+
+def score_gallery(e: GalleryEmbeddings, *, ks=DEFAULT_KS) -> dict:
+    """Recall both ways and foil accuracy of an embedded gallery (the JSON contract)."""
+    n = len(e.img)
+    image_ids = np.arange(n)
+    t2i = ranks_by_owner(lambda a, b: e.txt[a:b] @ e.img.T, query_owner=e.owner, gallery_owner=image_ids)
+    i2t = ranks_by_owner(lambda a, b: e.img[a:b] @ e.txt.T, query_owner=image_ids, gallery_owner=e.owner)
+    foil = defaultdict(list)
+    for (i, ci, kind), fe in zip(e.foils, e.foil_emb):
+        foil[kind].append(float(e.img[i] @ e.txt[e.cap_pos[(i, ci)]]) > float(e.img[i] @ fe))
+    return {
+        "model": e.spec,
+        "gallery": n,
+        "t2i": recall_at(t2i, ks),
+        "i2t": recall_at(i2t, ks),
+        "foil": {k: float(np.mean(v)) for k, v in sorted(foil.items())},
+        "foil_count": {k: len(v) for k, v in sorted(foil.items())},
+        "queries": {"t2i": int(len(e.texts)), "i2t": int(n)},
+    }
+
+
+def evaluate_retrieval(encoder: DualEncoder, pairs: Pairs, *, gallery: int = 1000, ks=DEFAULT_KS,
+                       workers: int | None = None) -> dict:
+    """Recall both ways and foil accuracy on the first ``gallery`` images of ``pairs`` (the JSON contract)."""
+    return score_gallery(embed_gallery(encoder, pairs, gallery=gallery, workers=workers), ks=ks)
+
+
+def format_table(result: dict) -> str:
+    """A readable table of an evaluation result (the same numbers as the JSON)."""
+    ks = [k for k in result["t2i"]]
+    lines = [f"model: {result['model']}   gallery: {result['gallery']} images", "",
+             f"{'direction':<14}" + "".join(f"{k:>12}" for k in ks)]
+    for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
+        lines.append(f"{name:<14}" + "".join(f"{result[d][k]:>12.3f}" for k in ks))
+    if result.get("foil"):
+        lines += ["", "foil accuracy (true caption scored above its foil):"]
+        for kind, acc in result["foil"].items():
+            n = result.get("foil_count", {}).get(kind, "?")
+            lines.append(f"  {kind:<12}{acc:>8.3f}   ({n} pairs)")
+    return "\n".join(lines)
+

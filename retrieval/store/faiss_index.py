@@ -1,0 +1,253 @@
+"""The search accelerator: a FAISS index per table, built from LanceDB and persisted beside it.
+
+Files, in ``<db>/_faiss/``: ``<collection>__<table>.faiss`` (the index), ``.ids.parquet`` (the row each
+FAISS position stands for: id, and path or text) and ``.json`` (a sidecar: which LanceDB table version
+and how many rows the index covers, which factory string built it, its measured recall@10 against exact
+search). An index whose sidecar does not match the table's current version is stale and rebuilt.
+
+Exact search (``Flat``, inner product on L2-normalised vectors = cosine) below
+``IndexConfig.exact_threshold`` vectors; above it an inverted-file index. FAISS runs the index on the GPU
+when the faiss-gpu build and CUDA are present, and says so in the log when it falls back to the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipdex.exceptions import StoreError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How FAISS indexes are built.
+
+    exact_threshold: at or below this many vectors, exact search (``Flat``): perfect recall, cost linear in
+        the collection (about 1 ms per 10k 256-d vectors on one core).
+    factory: the FAISS index-factory string used above the threshold; ``{nlist}`` is filled with
+        ``4 * sqrt(N)`` lists (at most N / 39). ``IVF{nlist},Flat`` keeps full vectors (high recall, memory = 4*D bytes per
+        vector); ``IVF{nlist},PQ32`` would trade recall for 8x less memory; ``HNSW32`` needs no training
+        but builds slowly on few cores.
+    nprobe: lists visited per query (higher: better recall, slower).
+    recall_sample: queries (taken from the collection itself) used to measure recall@10 against exact.
+    use_gpu: put the index on the GPU when faiss-gpu and CUDA are present.
+    """
+
+    exact_threshold: int = 50_000
+    factory: str = "IVF{nlist},Flat"
+    nprobe: int = 32
+    recall_sample: int = 500
+    use_gpu: bool = True
+
+    def factory_for(self, n: int) -> str:
+        """The factory string for a table of ``n`` vectors."""
+        if n <= self.exact_threshold:
+            return "Flat"
+        # 4 sqrt(N) lists, but at least 39 training points per list (FAISS's minimum for stable k-means)
+        return self.factory.format(nlist=max(1, min(int(4 * math.sqrt(n)), n // 39)))
+
+
+def gpu_available() -> bool:
+    """Whether this FAISS build has GPU support and sees a GPU."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def build_faiss(vectors: np.ndarray, *, config: IndexConfig = IndexConfig(), seed: int = 0):
+    """Build (and train, if it needs it) an inner-product index over ``vectors``; returns (index, factory)."""
+    import faiss
+
+    n, d = vectors.shape
+    factory = config.factory_for(n)
+    index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        try:
+            lists = faiss.extract_index_ivf(index).nlist
+        except RuntimeError:  # not an IVF index: FAISS subsamples on its own
+            lists = n // 64
+        rng = np.random.default_rng(seed)
+        sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * max(lists, 1)), replace=False))]
+        index.train(sample)  # 64 points per list: FAISS's k-means is stable from 39 and subsamples above 256
+    index.add(vectors)
+    _set_nprobe(index, config.nprobe)
+    return index, factory
+
+
+def _set_nprobe(index, nprobe: int) -> None:
+    import faiss
+
+    try:
+        faiss.extract_index_ivf(index).nprobe = nprobe
+    except (RuntimeError, AttributeError):
+        pass
+
+
+def to_gpu(index, *, use_gpu: bool = True):
+    """Move ``index`` to GPU 0 when possible; logs the fallback otherwise."""
+    if not use_gpu:
+        return index
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        logger.debug("faiss is the CPU build; searching on the CPU (pip install clipdex[gpu] for GPU search)")
+        return index
+    if faiss.get_num_gpus() == 0:
+        logger.info("faiss-gpu found no GPU; searching on the CPU")
+        return index
+    res = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(res, 0, index)
+
+
+def recall_vs_exact(index, vectors: np.ndarray, *, sample: int = 500, k: int = 10, seed: int = 0) -> float:
+    """Recall@k of ``index`` against exact inner-product search, with ``sample`` collection vectors as queries
+    (each query is itself in the collection, which flatters recall slightly: one of its k is easy)."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    q = vectors[rng.choice(len(vectors), size=min(sample, len(vectors)), replace=False)]
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(vectors)
+    _, truth = exact.search(q, k)
+    _, got = index.search(q, k)
+    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got)]))
+
+
+SINGLE_THREAD_BELOW = 200_000  # one query over fewer vectors than this is faster on one FAISS thread
+
+
+@dataclass
+class LoadedIndex:
+    """A FAISS index with the rows its positions stand for."""
+
+    index: object
+    rows: pa.Table  # id and the display column, in FAISS order
+    sidecar: dict
+
+    def __post_init__(self) -> None:
+        # plain lists: a hit's id and path are then one list lookup each, not an Arrow scalar conversion
+        self.columns = {c: self.rows[c].to_pylist() for c in self.rows.column_names}
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions), each (Q, k); positions are -1 where fewer than k rows exist.
+
+        A single query over a small index runs on one FAISS thread: waking OpenMP threads costs more than
+        the scan, and FAISS's OpenMP runtime would spin against torch's (each wheel bundles its own).
+        """
+        import faiss
+
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(queries) == 1 and self.index.ntotal < SINGLE_THREAD_BELOW:
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                return self.index.search(queries, k)
+            finally:
+                faiss.omp_set_num_threads(threads)
+        return self.index.search(queries, k)
+
+
+def _paths(db_dir: Path, collection: str, table: str) -> dict[str, Path]:
+    base = db_dir / "_faiss" / f"{collection}__{table}"
+    return {"index": base.with_suffix(".faiss"), "rows": base.with_suffix(".ids.parquet"),
+            "sidecar": base.with_suffix(".json")}
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique: two builders never share a temp file
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+DISPLAY = {"images": ["id", "path"], "captions": ["id", "image_id", "text"]}
+
+
+def build_for(collection, table: str, *, config: IndexConfig = IndexConfig()) -> LoadedIndex:
+    """Build and persist the FAISS index of one table of ``collection`` from its current LanceDB version."""
+    import faiss
+
+    t0 = time.perf_counter()
+    version = collection.versions()[table]
+    fingerprint = collection.fingerprint(table)
+    vectors, rows = collection.vectors(table, DISPLAY[table])
+    if table == "captions" and rows.num_rows:  # a killed run may leave captions whose image never landed
+        import pyarrow.compute as pc
+
+        owners = collection.images.search().select(["id"]).limit(None).to_arrow()["id"]
+        keep = pc.is_in(rows["image_id"], value_set=owners.combine_chunks() if owners.num_chunks else pa.array([], pa.string()))
+        if not pc.all(keep).as_py():
+            mask = keep.to_numpy(zero_copy_only=False)
+            vectors, rows = vectors[mask], rows.filter(keep)
+    if len(vectors) == 0:
+        index, factory = faiss.IndexFlatIP(collection.encoder_info().embed_dim), "Flat"
+    else:
+        index, factory = build_faiss(vectors, config=config)
+    recall = 1.0 if factory == "Flat" else recall_vs_exact(index, vectors, sample=config.recall_sample)
+    sidecar = {"table": f"{collection.name}__{table}", "lance_version": version, "fingerprint": fingerprint,
+               "rows": int(len(vectors)),
+               "factory": factory, "nprobe": config.nprobe if factory != "Flat" else None,
+               "recall_at_10_vs_exact": recall, "build_seconds": round(time.perf_counter() - t0, 3),
+               "config": asdict(config)}
+    paths = _paths(collection.database.path, collection.name, table)
+    paths["index"].parent.mkdir(exist_ok=True)
+    try:
+        _atomic(paths["rows"], lambda p: pq.write_table(rows, p))
+        _atomic(paths["index"], lambda p: faiss.write_index(index, str(p)))
+        _atomic(paths["sidecar"], lambda p: p.write_text(json.dumps(sidecar, indent=1)))
+    except OSError as e:
+        raise StoreError(f"could not write the FAISS index to {paths['index'].parent}: {e}") from e
+    logger.info("built %s index of %s (%d vectors, recall@10 vs exact %.3f) in %.1f s", factory,
+                sidecar["table"], len(vectors), recall, sidecar["build_seconds"])
+    return LoadedIndex(to_gpu(index, use_gpu=config.use_gpu), rows, sidecar)
+
+
+def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), rebuild_stale: bool = True) -> LoadedIndex:
+    """The persisted index of a table if it covers the table's current version, else a fresh build."""
+    import faiss
+
+    paths = _paths(collection.database.path, collection.name, table)
+    try:
+        sidecar = json.loads(paths["sidecar"].read_text())
+        fresh = is_fresh(collection, table, sidecar, config=config)
+    except (OSError, ValueError, KeyError):
+        sidecar, fresh = None, False
+    if not fresh:
+        if not rebuild_stale:
+            raise StoreError(f"the FAISS index of {collection.name}/{table} is missing or stale")
+        if sidecar is not None:
+            logger.info("FAISS index of %s/%s is stale (covers version %s); rebuilding", collection.name, table,
+                        sidecar.get("lance_version"))
+        return build_for(collection, table, config=config)
+    try:
+        index = faiss.read_index(str(paths["index"]))
+        rows = pq.read_table(paths["rows"])
+    except (OSError, RuntimeError, pa.ArrowException) as e:
+        logger.warning("could not read %s (%s); rebuilding", paths["index"], e)
+        return build_for(collection, table, config=config)
+    if not (index.ntotal == rows.num_rows == sidecar["rows"]):  # files from two different builds
+        logger.warning("%s does not match its sidecar; rebuilding", paths["index"])
+        return build_for(collection, table, config=config)
+    _set_nprobe(index, config.nprobe)
+    return LoadedIndex(to_gpu(index, use_gpu=config.use_gpu), rows, sidecar)
+
+
+def is_fresh(collection, table: str, sidecar: dict, *, config: IndexConfig = IndexConfig()) -> bool:
+    """Whether an index built as ``sidecar`` says still covers the table exactly, built as ``config`` asks."""
+    return (sidecar.get("fingerprint") == collection.fingerprint(table)
+            and sidecar["rows"] == getattr(collection, table).count_rows()
+            and sidecar["factory"] == config.factory_for(sidecar["rows"]))

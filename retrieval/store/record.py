@@ -1,0 +1,261 @@
+"""The system of record: a LanceDB database folder holding named collections of images and captions.
+
+Each collection is two LanceDB tables, ``<name>__images`` and ``<name>__captions``. The encoder that
+filled them (spec, architecture, embedding size, preprocessing) is recorded in each table's schema
+metadata under ``clipdex.encoder``, so an append or a query with another encoder is refused rather than
+returning nonsense. FAISS indexes (:mod:`clipdex.retrieval.store.faiss_index`) are accelerators built from these
+tables; the tables are always the truth.
+
+Crash safety: captions are appended before the images they belong to and deleted after them, so the
+images table is the commit point. :meth:`Collection.reconcile` drops captions whose image row is absent,
+which is all a run killed at any moment can leave behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from clipdex.exceptions import ModelMismatchError, StoreError
+
+if TYPE_CHECKING:  # the encoder module imports torch; the store does not need it to open a database
+    from clipdex.retrieval.models.encoder import EncoderInfo
+
+logger = logging.getLogger(__name__)
+
+ENCODER_KEY = b"clipdex.encoder"
+STORE_VERSION_KEY = b"clipdex.store_version"
+STORE_VERSION = b"1"
+DEFAULT_DB = "clipdex-data/db"
+DEFAULT_COLLECTION = "default"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def images_schema(info: "EncoderInfo") -> pa.Schema:
+    """The images table: one row per indexed file."""
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),  # absolute path (folders) or the manifest's id
+        pa.field("path", pa.string(), nullable=False),  # absolute path of the file
+        pa.field("source", pa.string(), nullable=False),  # the folder or manifest it was indexed from
+        pa.field("content_hash", pa.string(), nullable=False),  # blake2b-128 of the file's bytes
+        pa.field("size", pa.int64(), nullable=False),  # bytes
+        pa.field("mtime", pa.float64(), nullable=False),  # seconds since the epoch
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("captions", pa.list_(pa.string()), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), info.embed_dim), nullable=False),
+    ], metadata=_metadata(info))
+
+
+def captions_schema(info: "EncoderInfo") -> pa.Schema:
+    """The captions table: one row per caption of an indexed image."""
+    return pa.schema([
+        pa.field("id", pa.string(), nullable=False),  # "<image id>#<k>"
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("vector", pa.list_(pa.float32(), info.embed_dim), nullable=False),
+    ], metadata=_metadata(info))
+
+
+def _metadata(info: "EncoderInfo") -> dict[bytes, bytes]:
+    return {ENCODER_KEY: json.dumps(info.as_dict(), sort_keys=True).encode(), STORE_VERSION_KEY: STORE_VERSION}
+
+
+def check_name(name: str) -> str:
+    """A collection name: letters, digits, ``_`` and ``-``, up to 64 characters."""
+    if not _NAME.match(name or ""):
+        raise StoreError(f"bad collection name {name!r}: use letters, digits, '_' and '-' (up to 64)")
+    return name
+
+
+def sql_quote(value: str) -> str:
+    """A string literal for a LanceDB filter."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def sql_in(column: str, values) -> str:
+    """``column IN ('a', 'b')``."""
+    return f"{column} IN ({', '.join(sql_quote(v) for v in values)})"
+
+
+@dataclass(frozen=True)
+class ExistingRow:
+    """What the store knows of an indexed file, to decide whether it changed."""
+
+    id: str
+    path: str
+    content_hash: str
+    size: int
+    mtime: float
+    captions: tuple[str, ...]
+
+
+class Database:
+    """A LanceDB database folder with any number of named collections."""
+
+    def __init__(self, path: str | Path, *, create: bool = False):
+        import lancedb
+
+        self.path = Path(path)
+        if not create and not self.path.is_dir():
+            raise StoreError(f"no database at {self.path} (index something into it first: clipdex index ... "
+                             f"--db {self.path})")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot create the database folder {self.path}: {e}") from e
+        self.db = lancedb.connect(str(self.path))
+
+    def collections(self) -> list[str]:
+        """Names of the collections in this database."""
+        names = _table_names(self.db)
+        return sorted(n[: -len("__images")] for n in names if n.endswith("__images"))
+
+    def open(self, name: str = DEFAULT_COLLECTION) -> "Collection":
+        """An existing collection; the error lists the ones there are."""
+        check_name(name)
+        if name not in self.collections():
+            have = ", ".join(self.collections()) or "none"
+            raise StoreError(f"no collection {name!r} in {self.path} (collections: {have})")
+        return Collection(self, name)
+
+    def open_or_create(self, name: str, *, info: "EncoderInfo") -> "Collection":
+        """Open ``name``, refusing another encoder, or create it for ``info``."""
+        check_name(name)
+        if name in self.collections():
+            col = Collection(self, name)
+            col.check_encoder(info, action="append to")
+            return col
+        self.db.create_table(f"{name}__captions", schema=captions_schema(info), exist_ok=True)
+        self.db.create_table(f"{name}__images", schema=images_schema(info), exist_ok=True)
+        return Collection(self, name)
+
+
+def _table_names(db) -> list[str]:
+    listed = db.list_tables()
+    names = getattr(listed, "tables", listed)
+    return list(names)
+
+
+class Collection:
+    """One collection: its images table, its captions table and the encoder recorded with them."""
+
+    def __init__(self, database: Database, name: str):
+        self.database = database
+        self.name = name
+        self.images = database.db.open_table(f"{name}__images")
+        if f"{name}__captions" not in _table_names(database.db):
+            database.db.create_table(f"{name}__captions", schema=captions_schema(self.encoder_info()))
+        self.captions = database.db.open_table(f"{name}__captions")
+
+    def encoder_info(self) -> "EncoderInfo":
+        """The encoder recorded in the images table's schema metadata."""
+        meta = self.images.schema.metadata or {}
+        if ENCODER_KEY not in meta:
+            raise StoreError(f"{self.database.path}/{self.name}: not a clipdex collection (no encoder recorded)")
+        from clipdex.retrieval.models.encoder import EncoderInfo
+
+        d = json.loads(meta[ENCODER_KEY])
+        return EncoderInfo(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    def check_encoder(self, info: "EncoderInfo", *, action: str = "query") -> None:
+        """Refuse ``info`` unless it is the encoder that filled this collection."""
+        have = self.encoder_info()
+        given = info.as_dict()
+        diff = {k: (v, given[k]) for k, v in have.as_dict().items()
+                if v != given[k] and not (k == "weights" and not v)}  # older stores recorded no fingerprint
+        if diff:
+            detail = "; ".join(f"{k}: collection has {a!r}, given {b!r}" for k, (a, b) in diff.items())
+            if set(diff) == {"weights"}:
+                detail += " (same name, other weights: was the checkpoint retrained or replaced?)"
+            raise ModelMismatchError(
+                f"cannot {action} collection {self.name!r} with model {info.spec!r}: it was indexed with "
+                f"{have.spec!r} ({detail}). Use --model {have.spec} or another --collection.")
+
+    def count(self) -> int:
+        """Number of images."""
+        return self.images.count_rows()
+
+    def existing(self, source: str) -> dict[str, ExistingRow]:
+        """Rows indexed from ``source``, by id."""
+        cols = ["id", "path", "content_hash", "size", "mtime", "captions"]
+        t = self.images.search().where(f"source = {sql_quote(source)}").select(cols).limit(None).to_arrow()
+        return {i: ExistingRow(i, p, h, s, m, tuple(c or ())) for i, p, h, s, m, c in
+                zip(*(t[c].to_pylist() for c in cols))}
+
+    def touch(self, rows: list[tuple[str, float, int]]) -> None:
+        """Record new (mtime, size) for files whose content did not change, in one commit."""
+        if rows:
+            update = pa.table({"id": [r[0] for r in rows], "mtime": [float(r[1]) for r in rows],
+                               "size": pa.array([int(r[2]) for r in rows], pa.int64())})
+            self.images.merge_insert("id").when_matched_update_all().execute(update)
+
+    def replace(self, ids: list[str], images: pa.Table, captions: pa.Table | None) -> None:
+        """Swap in new rows for ``ids``: the old images and captions go, then the new ones are appended
+        (a crash in between leaves those files absent, and the next run adds them again)."""
+        if ids:
+            self.delete_images(ids)
+        self.append(images, captions)
+
+    def append(self, images: pa.Table, captions: pa.Table | None) -> None:
+        """Append rows: captions first, then their images (the commit point)."""
+        try:
+            if captions is not None and captions.num_rows:
+                self.captions.add(captions.cast(self.captions.schema))
+            if images.num_rows:
+                self.images.add(images.cast(self.images.schema))
+        except (OSError, RuntimeError, ValueError) as e:  # LanceDB reports I/O failures as several types
+            raise StoreError(f"could not write to {self.database.path} (disk full?): {e}. Rows already "
+                             "indexed are kept; run the same command again to go on.") from e
+
+    def delete_images(self, ids: list[str]) -> None:
+        """Delete images and then their captions."""
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            self.images.delete(sql_in("id", chunk))
+            self.captions.delete(sql_in("image_id", chunk))
+
+    def reconcile(self) -> int:
+        """Drop captions whose image row is absent (what a killed run may leave); returns how many."""
+        image_ids = set(self.images.search().select(["id"]).limit(None).to_arrow()["id"].to_pylist())
+        cap_owner = set(self.captions.search().select(["image_id"]).limit(None).to_arrow()["image_id"].to_pylist())
+        orphans = sorted(cap_owner - image_ids)
+        for i in range(0, len(orphans), 500):
+            self.captions.delete(sql_in("image_id", orphans[i:i + 500]))
+        return len(orphans)
+
+    def versions(self) -> dict[str, int]:
+        """The latest LanceDB version of each table (what a FAISS index records it covers)."""
+        for t in (self.images, self.captions):
+            t.checkout_latest()  # a handle does not see other writers' commits by itself
+        return {"images": int(self.images.version), "captions": int(self.captions.version)}
+
+    def fingerprint(self, table: str) -> str:
+        """The latest version of ``table`` and when it was written: a dropped and re-created table that
+        reaches the same version number still differs."""
+        t = getattr(self, table)
+        t.checkout_latest()
+        v = t.list_versions()[-1]
+        return f"{v['version']}@{v['timestamp'].isoformat()}"
+
+    def vectors(self, table: str, columns: list[str]) -> tuple[np.ndarray, pa.Table]:
+        """All vectors of ``table`` ('images' or 'captions') as (N, D) float32 with the asked columns."""
+        t = getattr(self, table).search().select(["vector", *columns]).limit(None).to_arrow()
+        dim = self.encoder_info().embed_dim
+        vec = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+        return np.ascontiguousarray(vec, dtype=np.float32), t.select(columns)
+
+    def compact(self) -> None:
+        """Merge the small fragments many appends leave (LanceDB ``optimize``); best effort."""
+        for t in (self.images, self.captions):
+            try:
+                t.optimize()
+            except Exception as e:  # noqa: BLE001 - compaction is an optimisation, never a failure
+                logger.warning("could not compact %s: %s", t.name, e)

@@ -1,0 +1,192 @@
+"""Search an indexed collection: text->image, image->image and image->text (the Python API).
+
+    from clipdex.retrieval.store.search import open_collection
+    col = open_collection("clipdex-data/db", collection="default")
+    hits = col.search_text("a red circle left of a star", k=5)
+    hits = col.search_image("query.jpg", k=5)               # similar images
+    hits = col.search_captions("query.jpg", k=5)            # captions that describe it
+    for h in hits: print(h.rank, h.score, h.path or h.caption)
+
+Without filters a query goes to the FAISS index (exact or approximate, see :mod:`clipdex.retrieval.store.faiss_index`);
+with filters (``path_glob``, ``where`` over columns such as width, height, mtime, size) it goes to LanceDB
+with the filter applied before the vector search, so k results come back whenever k rows match. Scores
+are cosine similarities. The encoder is the one recorded in the collection; another is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clipdex.exceptions import ClipdexError
+from clipdex.retrieval.store.faiss_index import IndexConfig, LoadedIndex, is_fresh, load_for
+from clipdex.retrieval.store.record import DEFAULT_COLLECTION, Collection, Database, sql_in
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a microsecond per field
+class Hit:
+    """One result: ``path`` is set for images, ``caption`` (and ``image_id``) for captions."""
+
+    rank: int
+    id: str
+    score: float
+    path: str | None = None
+    caption: str | None = None
+    image_id: str | None = None
+
+    def as_dict(self) -> dict:
+        """The JSON shape: rank, id, path, caption, score (and image_id for captions)."""
+        d = asdict(self)
+        return {k: d[k] for k in ("rank", "id", "path", "caption", "score")} | (
+            {"image_id": self.image_id} if self.image_id else {})
+
+
+def glob_to_like(pattern: str) -> str:
+    """A shell glob on file paths as a SQL LIKE pattern; a relative glob matches at any depth."""
+    out = []
+    for ch in pattern:
+        out.append({"*": "%", "?": "_", "%": "\\%", "_": "\\_", "\\": "\\\\", "'": "''"}.get(ch, ch))
+    like = "".join(out)
+    return like if pattern.startswith(("/", "*")) else "%/" + like
+
+
+class SearchCollection:
+    """A collection opened for search, with its encoder and FAISS indexes loaded on first use."""
+
+    def __init__(self, collection: Collection, *, model: str | None = None, device: str = "auto",
+                 index_config: IndexConfig = IndexConfig(), encoder=None):
+        self.collection = collection
+        self.info = collection.encoder_info()
+        self.device = device
+        self.index_config = index_config
+        self._encoder = encoder
+        self._model = model
+        self._indexes: dict[str, LoadedIndex] = {}
+        self._checked: dict[str, float] = {}
+        if encoder is not None:
+            collection.check_encoder(encoder.info)
+
+    @property
+    def encoder(self):
+        """The dual encoder recorded in the collection (loaded once)."""
+        if self._encoder is None:
+            from clipdex.retrieval.models.encoder import load_encoder
+
+            enc = load_encoder(self._model or self.info.spec, device=self.device)
+            self.collection.check_encoder(enc.info)
+            self._encoder = enc
+        return self._encoder
+
+    def index(self, table: str) -> LoadedIndex:
+        """The FAISS index of ``table`` ('images' or 'captions'), rebuilt first if stale. Whether the
+        table changed (another process indexing into it) is checked at most once per second."""
+        now = time.monotonic()
+        loaded = self._indexes.get(table)
+        if loaded is not None and now - self._checked.get(table, 0.0) > 1.0:
+            self._checked[table] = now
+            if not is_fresh(self.collection, table, loaded.sidecar, config=self.index_config):
+                loaded = None
+        if loaded is None:
+            loaded = self._indexes[table] = load_for(self.collection, table, config=self.index_config)
+            self._checked[table] = now
+        return loaded
+
+    # --- queries -------------------------------------------------------------------------------------
+    def embed_text(self, text: str) -> np.ndarray:
+        """The (D,) embedding of a text query."""
+        return self.encoder.encode_texts([text])[0]
+
+    def embed_image(self, image) -> np.ndarray:
+        """The (D,) embedding of an image query: a path or a PIL image."""
+        from PIL import Image
+
+        from clipdex.retrieval.models.images import open_rgb
+
+        im = image if isinstance(image, Image.Image) else open_rgb(image)
+        return self.encoder.encode_images([im])[0]
+
+    def search_text(self, text: str, *, k: int = 10, min_score: float | None = None, where: str | None = None,
+                    path_glob: str | None = None) -> list[Hit]:
+        """Images best described by ``text``."""
+        return self.search_vector(self.embed_text(text), table="images", k=k, min_score=min_score, where=where,
+                                  path_glob=path_glob)
+
+    def search_image(self, image, *, k: int = 10, min_score: float | None = None, where: str | None = None,
+                     path_glob: str | None = None) -> list[Hit]:
+        """Images most similar to ``image`` (a path or a PIL image)."""
+        return self.search_vector(self.embed_image(image), table="images", k=k, min_score=min_score, where=where,
+                                  path_glob=path_glob)
+
+    def search_captions(self, image, *, k: int = 10, min_score: float | None = None, where: str | None = None,
+                        path_glob: str | None = None) -> list[Hit]:
+        """Captions in the collection that best describe ``image``; filters apply to the captions' images."""
+        return self.search_vector(self.embed_image(image), table="captions", k=k, min_score=min_score,
+                                  where=where, path_glob=path_glob)
+
+    def search_vector(self, vector: np.ndarray, *, table: str = "images", k: int = 10,
+                      min_score: float | None = None, where: str | None = None,
+                      path_glob: str | None = None) -> list[Hit]:
+        """Nearest rows of ``table`` to an embedding (already L2-normalised)."""
+        if k < 1:
+            raise ClipdexError(f"k must be at least 1 (got {k})")
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if vector.shape[0] != self.info.embed_dim:
+            raise ClipdexError(f"query vector has {vector.shape[0]} dimensions; the collection has "
+                               f"{self.info.embed_dim}")
+        if where or path_glob:
+            hits = self._filtered(vector, table=table, k=k, where=where, path_glob=path_glob)
+        else:
+            hits = self._accelerated(vector, table=table, k=k)
+        if min_score is not None:
+            hits = [h for h in hits if h.score >= min_score]
+        return hits
+
+    def _accelerated(self, vector: np.ndarray, *, table: str, k: int) -> list[Hit]:
+        idx = self.index(table)
+        scores, pos = idx.search(vector[None], k)
+        cols = idx.columns
+        ids, found = cols["id"], zip(pos[0].tolist(), scores[0].tolist())  # FAISS pads with -1 only at the end
+        if table == "images":
+            paths = cols["path"]
+            return [Hit(r, ids[p], s, paths[p]) for r, (p, s) in enumerate(found, 1) if p >= 0]
+        texts, owners = cols["text"], cols["image_id"]
+        return [Hit(r, ids[p], s, None, texts[p], owners[p]) for r, (p, s) in enumerate(found, 1) if p >= 0]
+
+    def _filtered(self, vector: np.ndarray, *, table: str, k: int, where: str | None,
+                  path_glob: str | None) -> list[Hit]:
+        clauses = [f"({where})"] if where else []
+        if path_glob:
+            clauses.append(f"path LIKE '{glob_to_like(path_glob)}'")
+        expr = " AND ".join(clauses)
+        try:
+            if table == "images":
+                t = (self.collection.images.search(vector).distance_type("dot").where(expr, prefilter=True)
+                     .select(["id", "path", "_distance"]).limit(k).to_arrow())
+                return [Hit(i + 1, r["id"], 1.0 - float(r["_distance"]), path=r["path"])
+                        for i, r in enumerate(t.to_pylist())]
+            ids = (self.collection.images.search().where(expr).select(["id"]).limit(None).to_arrow()["id"]
+                   .to_pylist())
+            if not ids:
+                return []
+            t = (self.collection.captions.search(vector).distance_type("dot")
+                 .where(sql_in("image_id", ids), prefilter=True).select(["id", "image_id", "text", "_distance"]).limit(k)
+                 .to_arrow())
+        except ClipdexError:
+            raise
+        except Exception as e:  # LanceDB reports a bad filter as one of several error types
+            raise ClipdexError(f"bad filter {expr!r}: {e}. Columns you can filter on: id, path, source, "
+                               "content_hash, size, mtime, width, height") from e
+        return [Hit(i + 1, r["id"], 1.0 - float(r["_distance"]), caption=r["text"], image_id=r["image_id"])
+                for i, r in enumerate(t.to_pylist())]
+
+
+def open_collection(db: str | Path, *, collection: str = DEFAULT_COLLECTION, model: str | None = None,
+                    device: str = "auto", index_config: IndexConfig = IndexConfig()) -> SearchCollection:
+    """Open a collection of a database folder for search (the encoder loads on the first query)."""
+    return SearchCollection(Database(db).open(collection), model=model, device=device, index_config=index_config)
