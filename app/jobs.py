@@ -15,6 +15,7 @@ from pathlib import Path
 
 from clipdex.indexer.reader import read_source
 from clipdex.indexer.runner import IndexSettings, run_index
+
 from clipdex.exceptions import ClipdexError
 
 logger = logging.getLogger(__name__)

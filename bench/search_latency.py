@@ -44,7 +44,6 @@ def ensure_collection(*, db, name: str, info, size: int, centres: np.ndarray, no
     Returns (collection, seconds spent writing; 0 when reused).
     """
     import pyarrow as pa
-
     from clipdex.retrieval.store.record import images_schema
 
     if name in db.collections():
@@ -71,7 +70,12 @@ def ensure_collection(*, db, name: str, info, size: int, centres: np.ndarray, no
 
 def captions(*, n: int, seed: int) -> list[str]:
     """``n`` world-style captions, e.g. 'a red circle left of a blue star'."""
-    from clipdex.data_manifests.world.vocab import COLOURS, RELATION_WORDS, SHAPES, SPATIAL_RELATIONS
+    from clipdex.data_manifests.world.vocab import (
+        COLOURS,
+        RELATION_WORDS,
+        SHAPES,
+        SPATIAL_RELATIONS,
+    )
 
     rng = np.random.default_rng(seed)
     col, rel = list(COLOURS), [w for r in SPATIAL_RELATIONS for w in RELATION_WORDS[r]]
@@ -113,7 +117,6 @@ def pct(xs: list[float]) -> dict:
 
 def _load_in_child(db_path: str, name: str, config: dict) -> dict:
     import faiss  # noqa: F401 - imported before measuring: the library's own size is not the index's
-
     from clipdex.retrieval.store.faiss_index import IndexConfig, load_for
     from clipdex.retrieval.store.record import Database
 
@@ -239,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
     import torch
-
     from clipdex.retrieval.models.encoder import load_encoder
     from clipdex.retrieval.store.faiss_index import IndexConfig
     from clipdex.retrieval.store.record import Database

@@ -33,7 +33,17 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every subcommand registered."""
     # Imported here, not at module top, so `clipdex --help` stays fast and import has no side effects.
-    from clipdex.commands import app, ask, demo, eval, index, models, search, train, world
+    from clipdex.commands import (
+        app,
+        ask,
+        demo,
+        eval,
+        index,
+        models,
+        search,
+        train,
+        world,
+    )
 
     parser = argparse.ArgumentParser(
         prog="clipdex",

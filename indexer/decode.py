@@ -17,9 +17,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
-from PIL import Image, ImageOps
-
 from clipdex.indexer.reader import SourceItem
+from PIL import Image, ImageOps
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import torch
-
 from clipdex.retrieval.models.encoder import DualEncoder
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,9 +21,16 @@ from clipdex.indexer.decode import DEFAULT_MAX_PIXELS, DecodePool, hash_file
 from clipdex.indexer.embed import Embedder
 from clipdex.indexer.reader import SourceItem, SourceListing, read_source
 from clipdex.indexer.writer import StoreWriter
-from clipdex.exceptions import StoreError
 from clipdex.retrieval.store.faiss_index import IndexConfig, load_for
-from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB, Collection, Database
+from clipdex.retrieval.store.record import (
+    DEFAULT_COLLECTION,
+    DEFAULT_DB,
+    Collection,
+    Database,
+)
+
+from clipdex.exceptions import StoreError
+from clipdex.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +146,8 @@ def run_index(settings: IndexSettings, *, progress: bool = True, on_progress: Pr
 
 def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float,
          on_progress: ProgressHook | None, encoder) -> dict:
-    from tqdm import tqdm
-
     from clipdex.retrieval.models.encoder import load_encoder
+    from tqdm import tqdm
 
     times: dict[str, float] = {}
     workers = pool.workers
@@ -238,9 +243,6 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
 def _write_report(db_dir: Path, collection: str, summary: dict) -> None:
     path = db_dir / "_reports" / f"{collection}-last-index.json"
     try:
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(json.dumps(summary, indent=1)))
     except OSError as e:
         logger.warning("could not write the index report %s: %s", path, e)

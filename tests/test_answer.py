@@ -7,12 +7,20 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from clipdex.retrieval.training.decoder_data import random_facts, swap_facts
-from clipdex.retrieval.answer.generate import beam_search, greedy
-from clipdex.retrieval.answer.prompt import (Prompt, add_answer, collate, decode_ids, encode_prompt, encode_text,
-                                             normalise, restore_case)
 from clipdex.retrieval.answer.decoder import IGNORE, DecoderConfig, FusedDecoder
+from clipdex.retrieval.answer.generate import beam_search, greedy
+from clipdex.retrieval.answer.prompt import (
+    Prompt,
+    add_answer,
+    collate,
+    decode_ids,
+    encode_prompt,
+    encode_text,
+    normalise,
+    restore_case,
+)
+from clipdex.retrieval.training.decoder_data import random_facts, swap_facts
+
 from tests.conftest import run_cli
 
 TINY = DecoderConfig(d_model=32, n_layer=1, n_head=2, image_tokens=2, dropout=0.0, max_len=200)
@@ -117,7 +125,9 @@ def test_ask_json_contract_and_caption(trained, capsys):
         assert list(e) == ["rank", "id", "path", "caption", "score", "weight"] and e["rank"] == rank
         assert e["caption"] and 0.0 <= e["weight"] <= 1.0 and -1.0 <= e["score"] <= 1.0
     assert [e["score"] for e in r["evidence"]] == sorted((e["score"] for e in r["evidence"]), reverse=True)
-    from clipdex.cli import main  # the caption in process: one subprocess per test is enough
+    from clipdex.cli import (
+        main,  # the caption in process: one subprocess per test is enough
+    )
 
     capsys.readouterr()
     assert main(["ask", "--image", str(view), "--db", str(db), "--collection", "answer-eval", "--decoder",
@@ -129,7 +139,9 @@ def test_ask_json_contract_and_caption(trained, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing-image", "nothing", "unknown-collection", "other-encoder", "not-decoder"])
 def test_ask_bad_input_is_one_clear_error(case, trained, tmp_path, capsys):
-    from clipdex.cli import main  # in process: the CLI's main(argv), as the subprocess runs it
+    from clipdex.cli import (
+        main,  # in process: the CLI's main(argv), as the subprocess runs it
+    )
 
     root = trained["root"]
     db = root / "eval-world" / "db"

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from clipdex.retrieval.answer.backend import GeneratedAnswer, RetrievedItem
 from clipdex.retrieval.answer.hf import CAPTION_INSTRUCTION, HF_PREFIX, HFAnswerBackend
+from PIL import Image
+
 from clipdex.exceptions import MissingDependencyError, ModelSpecError
 
 IMAGE_SEQ_LEN = 4  # (image_size 32 / patch 8)^2 / scale_factor^2
@@ -57,7 +57,14 @@ def offline():
 def _tokenizer():
     """A byte-level BPE tokenizer trained on CORPUS, with the special tokens Idefics3's processor uses; like
     Llama's, it prepends BOS to whatever it encodes with special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -76,8 +83,12 @@ def _tokenizer():
 def tiny_vlm(tmp_path_factory) -> Path:
     """A randomly initialised 2-layer Idefics3 with its processor, saved with save_pretrained; returns the folder."""
     import torch
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+    )
 
     tokenizer = _tokenizer()
     image_processor = Idefics3ImageProcessor(do_image_splitting=False, size={"longest_edge": 32},

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
 
 KEYS = {"recall@1", "recall@5", "recall@10"}
@@ -74,7 +73,6 @@ def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_pa
     in open_clip's state-dict format, as a downloaded checkpoint would be.
     """
     import open_clip
-
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.retrieval.models import checkpoint as ckpt
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
 
 RESULT_KEYS = {"rank", "id", "path", "caption", "score"}
@@ -252,11 +251,10 @@ def test_two_collections_in_one_db(photo_folder, tiny_world, tmp_path):
 
 def test_every_format_and_exif_orientation(tiny_world, tmp_path):
     """WebP, GIF (first frame), BMP, TIFF, PNG and JPEG are indexed; EXIF orientation is applied first."""
-    from PIL import Image
-
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.indexer.runner import IndexSettings, run_index
     from clipdex.retrieval.store.search import open_collection
+    from PIL import Image
 
     pairs = load_pairs(tiny_world, split="test")
     root = tmp_path / "formats"
@@ -283,9 +281,8 @@ def test_every_format_and_exif_orientation(tiny_world, tmp_path):
 
 def test_manifest_rows_sharing_a_file_and_caption_edits(tiny_world, tmp_path):
     """One file under several ids (a row per caption) stays stable; an edited caption is re-embedded."""
-    import pyarrow.csv as pcsv
     import pyarrow as pa
-
+    import pyarrow.csv as pcsv
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.indexer.runner import IndexSettings, run_index
 

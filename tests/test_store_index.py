@@ -6,10 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from clipdex.retrieval.store.faiss_index import IndexConfig, build_faiss, load_for, recall_vs_exact
-from clipdex.retrieval.store.search import SearchCollection, glob_to_like
+from clipdex.retrieval.store.faiss_index import (
+    IndexConfig,
+    build_faiss,
+    load_for,
+    recall_vs_exact,
+)
 from clipdex.retrieval.store.record import Database
+from clipdex.retrieval.store.search import SearchCollection, glob_to_like
 
 
 def _clustered(n, d=32, centres=50, seed=0):
@@ -92,7 +96,6 @@ def test_encoder_mismatch_names_both(tmp_path, info):
 
 def test_trimmed_text_encoding_equals_open_clip():
     import torch
-
     from clipdex.retrieval.models.encoder import build_model, encode_text_trimmed
 
     m = build_model("clipdex-tiny:random")
@@ -130,6 +133,7 @@ def test_same_name_other_weights_is_refused(tmp_path, info):
     from dataclasses import replace
 
     from clipdex.retrieval.models.encoder import load_encoder
+
     from clipdex.exceptions import ModelMismatchError
 
     db = Database(tmp_path / "db", create=True)

@@ -10,13 +10,24 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from clipdex.data_manifests.pairs import Pairs, load_pairs
 from clipdex.retrieval.models import checkpoint as ckpt
-from clipdex.exceptions import ClipdexError, ManifestError
-from clipdex.retrieval.training.layout import MARGIN, LayoutHead, caption_targets, collate_targets, image_targets
-from clipdex.retrieval.training.contrastive import TrainConfig, contrastive_loss, lr_at, train
+from clipdex.retrieval.training.contrastive import (
+    TrainConfig,
+    contrastive_loss,
+    lr_at,
+    train,
+)
 from clipdex.retrieval.training.data import CaptionedImages
+from clipdex.retrieval.training.layout import (
+    MARGIN,
+    LayoutHead,
+    caption_targets,
+    collate_targets,
+    image_targets,
+)
+
+from clipdex.exceptions import ClipdexError, ManifestError
 
 
 def test_lr_schedule_warms_up_then_decays():

@@ -14,14 +14,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from clipdex.data_manifests.schema import WORLD_SCHEMA, read_manifest, write_manifest
-from clipdex.commands import world as world_cli
 from clipdex.data_manifests.world.claims import satisfies, score
 from clipdex.data_manifests.world.generate import WorldConfig, generate_world
 from clipdex.data_manifests.world.oracle import oracle_recall
 from clipdex.data_manifests.world.render import render_scene
-from clipdex.data_manifests.world.scene import Background, LandmarkFacts, Scene, SceneObject
+from clipdex.data_manifests.world.scene import (
+    Background,
+    LandmarkFacts,
+    Scene,
+    SceneObject,
+)
+
+from clipdex.commands import world as world_cli
 from clipdex.exceptions import ManifestError
 
 SMALL = dict(train=60, test=300, corpus=40, landmarks=5, views_per_landmark=2)
@@ -163,6 +168,7 @@ def test_oracle_recall_is_high(small_world):
 def test_oracle_fast_path_matches_plain_scoring(rows):
     from clipdex.data_manifests.world.claims import as_scene
     from clipdex.data_manifests.world.oracle import score_matrix
+
     from clipdex.metrics import pessimistic_ranks
 
     gallery = [r for r in rows if r["split"] in ("test", "corpus")][:120]

@@ -8,8 +8,8 @@ import logging
 import os
 import signal
 import subprocess
-from importlib import resources
 import sys
+from importlib import resources
 from pathlib import Path
 
 from clipdex.app.settings import AppSettings

@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _ask(args) -> int:
-    from clipdex.retrieval.answer.answerer import Answerer, AskSettings
     from clipdex.exceptions import ClipdexError
+    from clipdex.retrieval.answer.answerer import Answerer, AskSettings
 
     if not args.question and not args.image:
         raise ClipdexError("nothing to ask: give a question, --image FILE, or both (see `clipdex ask --help`)")

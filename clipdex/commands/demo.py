@@ -82,8 +82,8 @@ def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str,
     """Run the demo and print what it finds; returns the exit code."""
     from clipdex.indexer.runner import IndexSettings, run_index
     from clipdex.retrieval.evaluation.collection import evaluate_collection
-    from clipdex.retrieval.store.search import SearchCollection
     from clipdex.retrieval.store.record import Database
+    from clipdex.retrieval.store.search import SearchCollection
 
     t0 = time.time()
     world_dir = Path(world_dir)

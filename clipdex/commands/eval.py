@@ -72,8 +72,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_retrieval(args) -> int:
     from clipdex.data_manifests.pairs import load_pairs
-    from clipdex.retrieval.models.encoder import load_encoder
     from clipdex.retrieval.evaluation.recall import evaluate_retrieval, format_table
+    from clipdex.retrieval.models.encoder import load_encoder
     from clipdex.retrieval.models.spec import parse_model_spec
 
     if args.model:
@@ -105,9 +105,12 @@ def _eval_oracle(args) -> int:
 def _eval_answer(args) -> int:
     from pathlib import Path
 
-    from clipdex.retrieval.evaluation.answer_world import prepare_world
-    from clipdex.retrieval.evaluation.answers import evaluate_answers, format_answer_table
     from clipdex.retrieval.answer.checkpoint import load_decoder
+    from clipdex.retrieval.evaluation.answer_world import prepare_world
+    from clipdex.retrieval.evaluation.answers import (
+        evaluate_answers,
+        format_answer_table,
+    )
     from clipdex.retrieval.models.device import resolve_device
 
     device = resolve_device(args.device)

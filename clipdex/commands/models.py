@@ -16,7 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _models(args) -> int:
-    from clipdex.retrieval.models.registry import BUILTIN_MODELS, CONFIG_DIR, list_models
+    from clipdex.retrieval.models.registry import (
+        BUILTIN_MODELS,
+        CONFIG_DIR,
+        list_models,
+    )
     from clipdex.retrieval.models.spec import FORMS_HELP
 
     own = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))

@@ -131,7 +131,11 @@ def _train(args) -> int:
 def _train_decoder(args) -> int:
     from dataclasses import replace
 
-    from clipdex.retrieval.training.decoder import DecoderTrainConfig, WorldSettings, train_decoder
+    from clipdex.retrieval.training.decoder import (
+        DecoderTrainConfig,
+        WorldSettings,
+        train_decoder,
+    )
 
     base = DecoderTrainConfig(out=args.out)
     cfg = replace(base, model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,

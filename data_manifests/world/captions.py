@@ -22,10 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-
 from clipdex.data_manifests.world import vocab
 from clipdex.data_manifests.world.claims import RELATIONS, satisfies
-from clipdex.data_manifests.world.scene import Background, LandmarkFacts, Scene, SceneObject
+from clipdex.data_manifests.world.scene import (
+    Background,
+    LandmarkFacts,
+    Scene,
+    SceneObject,
+)
 
 SIZE_RELATION_PROB = 0.15
 COUNT_CELLS_PROB = 0.5

@@ -22,13 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-
 from clipdex.data_manifests import schema
 from clipdex.data_manifests.world.captions import make_captions
 from clipdex.data_manifests.world.landmarks import make_landmark, query_view
 from clipdex.data_manifests.world.questions import landmark_questions, visual_questions
 from clipdex.data_manifests.world.render import encode_image, render_scene
-from clipdex.data_manifests.world.scene import Scene, apply_crop, crop_box, place, sample_layout
+from clipdex.data_manifests.world.scene import (
+    Scene,
+    apply_crop,
+    crop_box,
+    place,
+    sample_layout,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
-
-from clipdex.data_manifests.world.scene import LandmarkFacts, Scene, sample_background, sample_layout
+from clipdex.data_manifests.world.scene import (
+    LandmarkFacts,
+    Scene,
+    sample_background,
+    sample_layout,
+)
 
 ONSETS = ("b", "br", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "st", "t", "th", "v", "w", "z")
 VOWELS = ("a", "e", "i", "o", "u", "ai")

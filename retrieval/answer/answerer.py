@@ -19,10 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from clipdex.retrieval.answer.backend import AnswerBackend, GeneratedAnswer, RetrievedItem
-from clipdex.exceptions import ClipdexError, ModelMismatchError
+from clipdex.retrieval.answer.backend import (
+    AnswerBackend,
+    GeneratedAnswer,
+    RetrievedItem,
+)
 from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB, sql_in
+
+from clipdex.exceptions import ClipdexError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +92,12 @@ class BuiltinBackend:
     def generate(self, *, question, image, image_vector, items, max_new_tokens=32, beams=1) -> GeneratedAnswer:
         """Answer with the fused decoder; weights are the evidence mass per item."""
         from clipdex.retrieval.answer.generate import beam_search
-        from clipdex.retrieval.answer.prompt import Prompt, decode_ids, encode_prompt, restore_case
+        from clipdex.retrieval.answer.prompt import (
+            Prompt,
+            decode_ids,
+            encode_prompt,
+            restore_case,
+        )
 
         prompt = Prompt(question, image_vector, [(it.vector, it.caption) for it in items])
         seq = encode_prompt(prompt, self.model.cfg)
@@ -126,8 +135,8 @@ class Answerer:
     @classmethod
     def open(cls, settings: AskSettings, *, encoder=None, backend: AnswerBackend | None = None) -> "Answerer":
         """Open ``settings.collection`` and load the backend (the encoder loads on the first query)."""
-        from clipdex.retrieval.store.search import SearchCollection
         from clipdex.retrieval.store.record import Database
+        from clipdex.retrieval.store.search import SearchCollection
 
         search = SearchCollection(Database(settings.db).open(settings.collection), device=settings.device,
                                   encoder=encoder)
@@ -136,9 +145,8 @@ class Answerer:
 
     def retrieve(self, *, image=None, question: str | None = None, k: int = 5):
         """(the query image as PIL or None, its embedding or None, the top-k items with captions and vectors)."""
-        from PIL import Image
-
         from clipdex.retrieval.models.images import open_rgb
+        from PIL import Image
 
         pil = vec = None
         if image is not None:

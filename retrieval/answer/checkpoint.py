@@ -13,11 +13,16 @@ import json
 from pathlib import Path
 
 import torch
-
-from clipdex.retrieval.models.checkpoint import FORMAT_VERSION, atomic_write, compact_rows, expand_rows
-from clipdex.retrieval.models.registry import WEIGHTS_DIR
 from clipdex.retrieval.answer.decoder import DecoderConfig, FusedDecoder
+from clipdex.retrieval.models.checkpoint import (
+    FORMAT_VERSION,
+    compact_rows,
+    expand_rows,
+)
+from clipdex.retrieval.models.registry import WEIGHTS_DIR
+
 from clipdex.exceptions import CheckpointError
+from clipdex.files import atomic_write
 
 SHIPPED_DECODER = WEIGHTS_DIR / "clipdex-answer.safetensors"
 

@@ -9,9 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from clipdex.retrieval.answer.prompt import Sequence, add_answer, collate, eos_id
 from clipdex.retrieval.answer.decoder import FusedDecoder
+from clipdex.retrieval.answer.prompt import Sequence, add_answer, collate, eos_id
 
 
 @dataclass

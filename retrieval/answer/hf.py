@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-
 from clipdex.retrieval.answer.backend import GeneratedAnswer, RetrievedItem
 from clipdex.retrieval.models.device import resolve_device
+from PIL import Image
+
 from clipdex.exceptions import MissingDependencyError, ModelSpecError
 
 logger = logging.getLogger(__name__)

@@ -13,9 +13,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
-from clipdex.retrieval.answer.decoder import (IGNORE, SEG_ANSWER, SEG_ITEM_IMAGE, SEG_ITEM_TEXT, SEG_QUERY_IMAGE,
-                                       SEG_QUESTION, Batch, DecoderConfig)
+from clipdex.retrieval.answer.decoder import (
+    IGNORE,
+    SEG_ANSWER,
+    SEG_ITEM_IMAGE,
+    SEG_ITEM_TEXT,
+    SEG_QUERY_IMAGE,
+    SEG_QUESTION,
+    Batch,
+    DecoderConfig,
+)
 
 MAX_CAPTION_TOKENS = 48  # a retrieved caption is cut to this many tokens (landmark facts come first)
 MAX_QUESTION_TOKENS = 24

@@ -58,7 +58,6 @@ def prepare_world(*, world_dir: str | Path, db: str | Path, collection: str, mod
                   encoder=None) -> WorldData:
     """Generate (if needed) and index a world, then retrieve every query's top-``top_n`` neighbours."""
     import pyarrow.parquet as pq
-
     from clipdex.data_manifests.world.generate import WorldConfig, generate_world
     from clipdex.indexer.runner import IndexSettings, run_index
     from clipdex.retrieval.models.encoder import load_encoder
@@ -76,7 +75,6 @@ def prepare_world(*, world_dir: str | Path, db: str | Path, collection: str, mod
               progress=progress, encoder=enc)
     col = Database(db).open(collection)
     index = load_for(col, "images")
-    pos_of = {i: p for p, i in enumerate(index.columns["id"])}
     rows = pq.read_table(manifest).to_pylist()
     corpus_rows = [r for r in rows if r["split"] == "corpus"]
     view_rows = [r for r in rows if r["split"] == "query"]

@@ -21,11 +21,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from clipdex.retrieval.evaluation.answer_world import FACT_OF_KIND, VISUAL_KINDS, WorldData
+from clipdex.retrieval.answer.decoder import FusedDecoder
 from clipdex.retrieval.answer.generate import greedy
 from clipdex.retrieval.answer.prompt import Prompt, decode_ids, encode_prompt, normalise
-from clipdex.retrieval.answer.decoder import FusedDecoder
+from clipdex.retrieval.evaluation.answer_world import (
+    FACT_OF_KIND,
+    VISUAL_KINDS,
+    WorldData,
+)
 
 MODES = ("rag", "no_retrieval", "random", "oracle")
 

@@ -12,13 +12,13 @@ keeps the file small without changing any output for text the model was trained 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from clipdex.exceptions import CheckpointError
+from clipdex.files import atomic_write
 
 FORMAT_VERSION = "1"
 TOKEN_EMBEDDING = "token_embedding.weight"
@@ -31,20 +31,6 @@ class CheckpointMeta:
     arch: str
     model_config: dict
     records: dict = field(default_factory=dict)  # e.g. {"training": {...}, "metrics": {...}}
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, so the rename is atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def compact_rows(tensors: dict[str, torch.Tensor], *, key: str, ids) -> dict[str, torch.Tensor]:

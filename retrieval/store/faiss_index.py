@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipdex.exceptions import StoreError
+from clipdex.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -165,15 +164,6 @@ def _paths(db_dir: Path, collection: str, table: str) -> dict[str, Path]:
             "sidecar": base.with_suffix(".json")}
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")  # unique: two builders never share a temp file
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 DISPLAY = {"images": ["id", "path"], "captions": ["id", "image_id", "text"]}
 
 
@@ -206,9 +196,9 @@ def build_for(collection, table: str, *, config: IndexConfig = IndexConfig()) ->
     paths = _paths(collection.database.path, collection.name, table)
     paths["index"].parent.mkdir(exist_ok=True)
     try:
-        _atomic(paths["rows"], lambda p: pq.write_table(rows, p))
-        _atomic(paths["index"], lambda p: faiss.write_index(index, str(p)))
-        _atomic(paths["sidecar"], lambda p: p.write_text(json.dumps(sidecar, indent=1)))
+        atomic_write(paths["rows"], lambda p: pq.write_table(rows, p))
+        atomic_write(paths["index"], lambda p: faiss.write_index(index, str(p)))
+        atomic_write(paths["sidecar"], lambda p: p.write_text(json.dumps(sidecar, indent=1)))
     except OSError as e:
         raise StoreError(f"could not write the FAISS index to {paths['index'].parent}: {e}") from e
     logger.info("built %s index of %s (%d vectors, recall@10 vs exact %.3f) in %.1f s", factory,

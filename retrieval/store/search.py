@@ -21,10 +21,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from clipdex.retrieval.store.faiss_index import (
+    IndexConfig,
+    LoadedIndex,
+    is_fresh,
+    load_for,
+)
+from clipdex.retrieval.store.record import (
+    DEFAULT_COLLECTION,
+    Collection,
+    Database,
+    sql_in,
+)
 
 from clipdex.exceptions import ClipdexError
-from clipdex.retrieval.store.faiss_index import IndexConfig, LoadedIndex, is_fresh, load_for
-from clipdex.retrieval.store.record import DEFAULT_COLLECTION, Collection, Database, sql_in
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +114,8 @@ class SearchCollection:
 
     def embed_image(self, image) -> np.ndarray:
         """The (D,) embedding of an image query: a path or a PIL image."""
-        from PIL import Image
-
         from clipdex.retrieval.models.images import open_rgb
+        from PIL import Image
 
         im = image if isinstance(image, Image.Image) else open_rgb(image)
         return self.encoder.encode_images([im])[0]

@@ -21,17 +21,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from clipdex.data_manifests.pairs import load_pairs
+from clipdex.retrieval.evaluation.recall import evaluate_retrieval
 from clipdex.retrieval.models import checkpoint as ckpt
 from clipdex.retrieval.models.device import autocast, resolve_device
 from clipdex.retrieval.models.encoder import DualEncoder, build_model
-from clipdex.retrieval.evaluation.recall import evaluate_retrieval
-from clipdex.exceptions import ClipdexError
 from clipdex.retrieval.models.images import default_workers
-from clipdex.retrieval.training.layout import LayoutHead
 from clipdex.retrieval.models.registry import get_model_config
-from clipdex.retrieval.training.data import CaptionedImages, Collate, EpochBatches, single_thread_worker
+from clipdex.retrieval.training.data import (
+    CaptionedImages,
+    Collate,
+    EpochBatches,
+    single_thread_worker,
+)
+from clipdex.retrieval.training.layout import LayoutHead
+
+from clipdex.exceptions import ClipdexError
+from clipdex.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +188,7 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
         payload = {"optimizer": opt.state_dict(), "state": json.dumps(asdict(state))}
         if layout_head is not None:
             payload["layout_head"] = layout_head.state_dict()
-        ckpt.atomic_write(last_s, lambda tmp: torch.save(payload, tmp))
+        atomic_write(last_s, lambda tmp: torch.save(payload, tmp))
 
     t_start = time.time() - state.seconds
     probe_at, probe_t = state.step + 20, None  # time steps probe_at..probe_at+50, after warm-up of the loader

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from clipdex.retrieval.evaluation.answer_world import prepare_world
-from clipdex.retrieval.training.decoder_data import ExampleSampler, SamplerConfig
-from clipdex.retrieval.evaluation.answers import evaluate_answers
-from clipdex.retrieval.answer.prompt import collate
-from clipdex.retrieval.answer.decoder import DecoderConfig, FusedDecoder, count_parameters
 from clipdex.retrieval.answer.checkpoint import save_decoder
+from clipdex.retrieval.answer.decoder import (
+    DecoderConfig,
+    FusedDecoder,
+    count_parameters,
+)
+from clipdex.retrieval.answer.prompt import collate
+from clipdex.retrieval.evaluation.answer_world import prepare_world
+from clipdex.retrieval.evaluation.answers import evaluate_answers
+from clipdex.retrieval.training.decoder_data import ExampleSampler, SamplerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +86,9 @@ def _heldout(n_views: int, view_landmark: list[int], frac: float, rng) -> set[in
 
 def train_decoder(cfg: DecoderTrainConfig, *, progress: bool = True, resume: bool = True, encoder=None) -> dict:
     """Run (or resume) decoder training; returns the record (also in the checkpoint and ``<out>.json``)."""
-    from tqdm.auto import tqdm
-
     from clipdex.retrieval.models.device import resolve_device
     from clipdex.retrieval.models.encoder import load_encoder
+    from tqdm.auto import tqdm
 
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -135,7 +137,7 @@ def train_decoder(cfg: DecoderTrainConfig, *, progress: bool = True, resume: boo
         save_decoder(out, model, encoder=encoder_meta, records={"training": record()})
         st = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": sampler.rng.bit_generator.state,
               "step": step, "history": history, "seconds": seconds, "seen": sorted(seen), "config": asdict(cfg)}
-        from clipdex.retrieval.models.checkpoint import atomic_write
+        from clipdex.files import atomic_write
 
         atomic_write(state_path, lambda tmp: torch.save(st, tmp))
 

@@ -17,9 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
 from clipdex.retrieval.answer.decoder import DecoderConfig
-from clipdex.retrieval.answer.prompt import Prompt, Sequence, add_answer, encode_prompt, encode_text
+from clipdex.retrieval.answer.prompt import (
+    Prompt,
+    Sequence,
+    add_answer,
+    encode_prompt,
+    encode_text,
+)
 from clipdex.retrieval.evaluation.answer_world import FACT_OF_KIND, WorldData
 
 
