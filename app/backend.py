@@ -154,11 +154,8 @@ def disk_bytes(cfg: AppSettings, name: str) -> int:
 
 def manifest_sources(col: Collection) -> list[tuple[str, str | None]]:
     """The (manifest, split) sources of a collection: the ones whose captions can measure its recall."""
-    import pyarrow.compute as pc
-
-    sources = pc.unique(col.images.search().select(["source"]).limit(None).to_arrow()["source"]).to_pylist()
     out = []
-    for s in sorted(sources):
+    for s in col.sources():
         manifest, _, split = s.partition("#split=")
         if Path(manifest).suffix.lower() in (".parquet", ".csv", ".jsonl", ".ndjson", ".json"):
             out.append((manifest, split or None))

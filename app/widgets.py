@@ -11,6 +11,7 @@ import streamlit as st
 from clipdex.app import backend
 from clipdex.app.inputs import UPLOAD_TYPES, InputError, check_upload
 from clipdex.app.settings import AppSettings
+from clipdex.retrieval.answer.backend import Evidence
 from clipdex.retrieval.store.search import Hit
 from PIL import Image
 
@@ -100,10 +101,11 @@ def pick_image(loaded: backend.LoadedCollection, *, key: str) -> str | None:
     return st.selectbox(f"Image ({len(ids)} shown)", ids, key=f"{key}_id")
 
 
-def hit_grid(loaded: backend.LoadedCollection, hits: list[Hit], cfg: AppSettings, *,
+def hit_grid(loaded: backend.LoadedCollection, hits: list[Hit] | list[Evidence], cfg: AppSettings, *,
              more_like_this: Callable[[str], None] | None = None, strongest: bool = False) -> None:
-    """Image results as a grid of thumbnails with rank, score and first caption; "More like this" calls
-    ``more_like_this(image_id)``; ``strongest`` marks the best-scoring result."""
+    """Image results (search hits or an answer's evidence: each has rank, id, path, score) as a grid of
+    thumbnails with rank, score and first caption; "More like this" calls ``more_like_this(image_id)``;
+    ``strongest`` marks the best-scoring result."""
     top = max((h.score for h in hits), default=None)
     for row in range(0, len(hits), GRID_COLUMNS):
         for col, hit in zip(st.columns(GRID_COLUMNS), hits[row:row + GRID_COLUMNS]):

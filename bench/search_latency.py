@@ -121,7 +121,7 @@ def _load_in_child(db_path: str, name: str, config: dict) -> dict:
     from clipdex.retrieval.store.record import Database
 
     col = Database(db_path).open(name)
-    col.versions(), col.images.count_rows()  # warm LanceDB (load_for's freshness check) before measuring
+    col.versions(), col.count("images")  # warm LanceDB (load_for's freshness check) before measuring
     before, peak_ok = memory_mb(), reset_peak()
     t0 = time.perf_counter()
     loaded = load_for(col, "images", config=IndexConfig(**config), rebuild_stale=False)

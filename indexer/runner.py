@@ -27,6 +27,7 @@ from clipdex.retrieval.store.record import (
     DEFAULT_DB,
     Collection,
     Database,
+    check_name,
 )
 
 from clipdex.exceptions import StoreError
@@ -116,7 +117,7 @@ def plan_run(collection: Collection, listing: SourceListing, *, rehash: bool = F
 def _check_id_clash(collection: Collection, source: str, todo: list[SourceItem]) -> None:
     if not todo:
         return
-    t = collection.images.search().select(["id", "source"]).limit(None).to_arrow()
+    t = collection.rows(columns=["id", "source"])
     other = {i: s for i, s in zip(t["id"].to_pylist(), t["source"].to_pylist()) if s != source}
     clash = [it.id for it in todo if it.id in other]
     if clash:
@@ -138,19 +139,48 @@ def run_index(settings: IndexSettings, *, progress: bool = True, on_progress: Pr
     from clipdex.retrieval.models.spec import parse_model_spec
 
     t_start = time.perf_counter()
+    check_name(settings.collection)  # a bad name fails before the database folder is created
     parse_model_spec(settings.model)  # a mistyped spec fails before any work
     workers = default_workers() if settings.workers is None else settings.workers
     with DecodePool(workers, timeout=settings.decode_timeout) as pool:  # started first: ready when needed
         return _run(settings, pool, progress=progress, t_start=t_start, on_progress=on_progress, encoder=encoder)
 
 
+@dataclass
+class _Prepared:
+    """What a run works from once the source is read, the model loaded and the plan made."""
+
+    listing: SourceListing
+    encoder: object
+    db: Database
+    collection: Collection
+    plan: Plan
+    orphans: int  # captions of a killed run dropped by reconcile
+
+
+@dataclass
+class _Loop:
+    """What the index loop did: the writer (rows written, its seconds), failures and decode timings."""
+
+    writer: StoreWriter
+    embed_seconds: float
+    failures: list[dict]
+    decode_wait: float
+    decode_cpu: float
+    seconds: float
+
+
 def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float,
          on_progress: ProgressHook | None, encoder) -> dict:
-    from clipdex.retrieval.models.encoder import load_encoder
-    from tqdm import tqdm
-
     times: dict[str, float] = {}
-    workers = pool.workers
+    prep = _prepare(settings, encoder=encoder, times=times)
+    loop = _index_loop(settings, prep, pool, progress=progress, on_progress=on_progress)
+    return _finish(settings, prep, loop, workers=pool.workers, times=times, t_start=t_start)
+
+
+def _prepare(settings: IndexSettings, *, encoder, times: dict[str, float]) -> _Prepared:
+    """Read the source, load the encoder, open the collection and plan the run (deletes and touches done)."""
+    from clipdex.retrieval.models.encoder import load_encoder
 
     t0 = time.perf_counter()
     listing = read_source(settings.source, split=settings.split)
@@ -170,13 +200,21 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
         collection.delete_images(plan.remove)
     collection.touch(plan.touched)
     times["plan"] = time.perf_counter() - t0
+    return _Prepared(listing, encoder, db, collection, plan, orphans)
 
+
+def _index_loop(settings: IndexSettings, prep: _Prepared, pool: DecodePool, *, progress: bool,
+                on_progress: ProgressHook | None) -> _Loop:
+    """Decode, embed and write the plan's files, batch by batch, with a progress bar."""
+    from tqdm import tqdm
+
+    listing, plan, encoder = prep.listing, prep.plan, prep.encoder
     total = len(listing.items) + len(listing.missing)
     handled = total - len(plan.todo)
     if on_progress:
         on_progress(handled, total)
     embedder = Embedder(encoder)
-    writer = StoreWriter(collection, source=listing.source, flush_rows=settings.flush_rows, replace=plan.replace)
+    writer = StoreWriter(prep.collection, source=listing.source, flush_rows=settings.flush_rows, replace=plan.replace)
     failures = [{"path": p, "reason": r} for p, r in listing.missing]
     decode_cpu = wait = 0.0
     t_loop = time.perf_counter()
@@ -191,14 +229,7 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
             decode_cpu += batch["decode_seconds"]
             failures += [{"path": plan.todo[p].path, "reason": r} for p, r in batch["errors"]]
             if batch["pixels"] is not None:
-                items = [plan.todo[p] for p in batch["pos"]]
-                img_vec = embedder.images(batch["pixels"])
-                cap_vec = embedder.texts([c for it in items for c in it.captions])
-                c = 0
-                for it, h, w, ht, v in zip(items, batch["hash"], batch["width"], batch["height"], img_vec):
-                    n = len(it.captions)
-                    writer.add(it, content_hash=h, width=w, height=ht, vector=v, caption_vectors=cap_vec[c:c + n])
-                    c += n
+                _write_batch(writer, embedder, batch, [plan.todo[p] for p in batch["pos"]])
             bar.update(batch["count"])
             handled += batch["count"]
             if on_progress:
@@ -208,8 +239,24 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
         writer.flush()
     finally:
         bar.close()
-    loop_s = time.perf_counter() - t_loop
+    return _Loop(writer, embedder.seconds, failures, wait, decode_cpu, time.perf_counter() - t_loop)
 
+
+def _write_batch(writer: StoreWriter, embedder: Embedder, batch: dict, items: list[SourceItem]) -> None:
+    """Embed one decoded batch (images and their captions) and hand the rows to the writer."""
+    img_vec = embedder.images(batch["pixels"])
+    cap_vec = embedder.texts([c for it in items for c in it.captions])
+    c = 0
+    for it, h, w, ht, v in zip(items, batch["hash"], batch["width"], batch["height"], img_vec):
+        n = len(it.captions)
+        writer.add(it, content_hash=h, width=w, height=ht, vector=v, caption_vectors=cap_vec[c:c + n])
+        c += n
+
+
+def _finish(settings: IndexSettings, prep: _Prepared, loop: _Loop, *, workers: int, times: dict[str, float],
+            t_start: float) -> dict:
+    """Compact, build the FAISS indexes, and write and return the run's summary."""
+    listing, plan, collection, writer = prep.listing, prep.plan, prep.collection, loop.writer
     t0 = time.perf_counter()
     if writer.written or plan.remove or plan.touched:
         collection.compact()
@@ -220,23 +267,23 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
         for table in ("images", "captions"):
             indexes[table] = load_for(collection, table, config=settings.index).sidecar  # rebuilt if stale
     times["faiss"] = time.perf_counter() - t0
-    times.update({"decode_wait": wait, "decode_worker_cpu": decode_cpu, "embed": embedder.seconds,
-                  "write": writer.seconds, "index_loop": loop_s, "total": time.perf_counter() - t_start})
+    times.update({"decode_wait": loop.decode_wait, "decode_worker_cpu": loop.decode_cpu, "embed": loop.embed_seconds,
+                  "write": writer.seconds, "index_loop": loop.seconds, "total": time.perf_counter() - t_start})
     summary = {
-        "source": listing.source, "db": str(db.path), "collection": settings.collection,
-        "model": encoder.info.spec, "device": str(encoder.device), "workers": workers,
+        "source": listing.source, "db": str(prep.db.path), "collection": settings.collection,
+        "model": prep.encoder.info.spec, "device": str(prep.encoder.device), "workers": workers,
         "counts": {"seen": len(listing.items) + len(listing.missing), "new": plan.new, "changed": plan.changed,
                    "unchanged": plan.unchanged, "removed": plan.removed, "indexed": writer.written,
-                   "failed": len(failures), "ignored_non_images": listing.ignored, "orphan_captions_dropped": orphans,
-                   "images_in_collection": collection.count(),
-                   "captions_in_collection": collection.captions.count_rows()},
-        "images_per_s": (writer.written / loop_s) if loop_s > 0 and writer.written else None,
+                   "failed": len(loop.failures), "ignored_non_images": listing.ignored,
+                   "orphan_captions_dropped": prep.orphans, "images_in_collection": collection.count(),
+                   "captions_in_collection": collection.caption_count()},
+        "images_per_s": (writer.written / loop.seconds) if loop.seconds > 0 and writer.written else None,
         "seconds": {k: round(v, 3) for k, v in times.items()},
-        "failures": failures,
+        "failures": loop.failures,
         "faiss": indexes,
         "settings": {k: v for k, v in asdict(settings).items() if k != "index"},
     }
-    _write_report(db.path, settings.collection, summary)
+    _write_report(prep.db.path, settings.collection, summary)
     return summary
 
 

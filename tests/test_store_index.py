@@ -126,7 +126,7 @@ def test_orphan_captions_never_reach_the_index(tmp_path, info):
                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(x[:2].reshape(-1)), 32)})
     col.append(_rows(["a"], x[2:3]), caps)  # 'ghost' is what a run killed between the two appends leaves
     assert load_for(col, "captions").columns["id"] == ["a#0"]
-    assert col.reconcile() == 1 and col.captions.count_rows() == 1
+    assert col.reconcile() == 1 and col.caption_count() == 1
 
 
 def test_same_name_other_weights_is_refused(tmp_path, info):

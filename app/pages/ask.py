@@ -9,7 +9,6 @@ it. The item the answer rests on most is marked.
 import streamlit as st
 from clipdex.app import backend, widgets
 from clipdex.app.settings import AppSettings
-from clipdex.retrieval.store.search import Hit
 
 from clipdex.exceptions import ClipdexError
 
@@ -47,13 +46,13 @@ st.success(f"**{widgets.plain(result.answer) or '(empty answer)'}**", icon=":mat
 st.caption(f"You asked for {asked_for} about {widgets.plain(label)}. Answered by {result.backend} from "
            f"{len(result.evidence)} retrieved items in {seconds * 1000:.0f} ms.")
 st.subheader("Evidence")
-top = max((e["weight"] or 0.0 for e in result.evidence), default=0.0)
-rows = [{"rank": e["rank"], "weight": e["weight"], "score": e["score"], "caption": e["caption"], "image": e["id"],
-         "": "answer rests on this" if e["weight"] and e["weight"] == top else ""} for e in result.evidence]
+top = max((e.weight or 0.0 for e in result.evidence), default=0.0)
+rows = [{"rank": e.rank, "weight": e.weight, "score": e.score, "caption": e.caption, "image": e.id,
+         "": "answer rests on this" if e.weight and e.weight == top else ""} for e in result.evidence]
 st.dataframe(rows, hide_index=True, column_config={
     "weight": st.column_config.ProgressColumn("weight", min_value=0.0, max_value=1.0, format="%.3f",
                                               help="share of the answer's probability mass drawn from this item"),
     "score": st.column_config.NumberColumn("score", format="%.3f", help="cosine similarity to your image")})
 st.caption("Weight: how much the answer drew on the item (the decoder's copy and attention mass). "
            "Score: how similar the item is to your image (retrieval).")
-widgets.hit_grid(loaded, [Hit(e["rank"], e["id"], e["score"], e["path"]) for e in result.evidence], cfg)
+widgets.hit_grid(loaded, result.evidence, cfg)

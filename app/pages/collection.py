@@ -26,7 +26,7 @@ if names:
     for n in names:
         col = db.open(n)
         info = col.encoder_info()
-        rows.append({"collection": n, "images": col.count(), "captions": col.captions.count_rows(),
+        rows.append({"collection": n, "images": col.count(), "captions": col.caption_count(),
                      "model": info.spec, "embedding size": info.embed_dim})
     st.dataframe(rows, hide_index=True)
 else:
@@ -45,7 +45,7 @@ def details(name: str) -> None:
     st.subheader(f"“{name}”")
     a, b, c, d = st.columns(4)
     a.metric("Images", f"{col.count():,}")
-    b.metric("Captions", f"{col.captions.count_rows():,}")
+    b.metric("Captions", f"{col.caption_count():,}")
     c.metric("Model", info.spec, help=f"{info.arch}, {info.embed_dim}-d embeddings, {info.image_size}-px input")
     d.metric("Size on disk", f"{backend.disk_bytes(cfg, name) / 2**20:.1f} MB")
     st.markdown("**Search indexes** (FAISS; recall@10 measured against exact search when built)")

@@ -4,7 +4,7 @@
     answerer = Answerer.open(AskSettings(db="clipdex-data/db", collection="demo"))
     result = answerer.ask(image="photo.jpg", question="when was it built?")
     print(result.answer)                      # "1742"
-    for e in result.evidence: print(e)        # rank, id, path, caption, score, weight
+    for e in result.evidence: print(e)        # Evidence: rank, id, path, caption, score, weight
 
 The query image (or, with no image, the question) retrieves the top-k images of the collection with their
 first caption; the query image, the question and those items go to a backend: the built-in fused decoder
@@ -21,10 +21,23 @@ from pathlib import Path
 import numpy as np
 from clipdex.retrieval.answer.backend import (
     AnswerBackend,
+    Evidence,
     GeneratedAnswer,
     RetrievedItem,
 )
-from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB, sql_in
+from clipdex.retrieval.answer.checkpoint import SHIPPED_DECODER, load_decoder
+from clipdex.retrieval.answer.generate import beam_search
+from clipdex.retrieval.answer.prompt import (
+    Prompt,
+    decode_ids,
+    encode_prompt,
+    restore_case,
+)
+from clipdex.retrieval.models.device import resolve_device
+from clipdex.retrieval.models.images import open_rgb
+from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB, Database
+from clipdex.retrieval.store.search import SearchCollection
+from PIL import Image
 
 from clipdex.exceptions import ClipdexError, ModelMismatchError
 
@@ -57,21 +70,18 @@ class AnswerResult:
 
     question: str | None
     answer: str
-    evidence: list[dict]
+    evidence: list[Evidence]
     backend: str
 
     def as_dict(self) -> dict:
         """The JSON shape: question, answer, evidence [{rank, id, path, caption, score, weight}]."""
-        return {"question": self.question, "answer": self.answer, "evidence": self.evidence}
+        return {"question": self.question, "answer": self.answer, "evidence": [e.as_dict() for e in self.evidence]}
 
 
-class BuiltinBackend:
+class BuiltinBackend(AnswerBackend):
     """The built-in fused decoder as an :class:`AnswerBackend` (greedy or beam search, copy-aware)."""
 
     def __init__(self, path: str | Path | None = None, *, device: str = "auto"):
-        from clipdex.retrieval.answer.checkpoint import SHIPPED_DECODER, load_decoder
-        from clipdex.retrieval.models.device import resolve_device
-
         self.device = resolve_device(device)
         self.path = Path(path) if path else SHIPPED_DECODER
         self.model, self.meta = load_decoder(self.path, device=self.device)
@@ -91,14 +101,6 @@ class BuiltinBackend:
 
     def generate(self, *, question, image, image_vector, items, max_new_tokens=32, beams=1) -> GeneratedAnswer:
         """Answer with the fused decoder; weights are the evidence mass per item."""
-        from clipdex.retrieval.answer.generate import beam_search
-        from clipdex.retrieval.answer.prompt import (
-            Prompt,
-            decode_ids,
-            encode_prompt,
-            restore_case,
-        )
-
         prompt = Prompt(question, image_vector, [(it.vector, it.caption) for it in items])
         seq = encode_prompt(prompt, self.model.cfg)
         used = max(seq.items) if seq.items else 0
@@ -129,15 +131,11 @@ class Answerer:
         self.search = search
         self.backend = backend
         self.settings = settings
-        if hasattr(backend, "check_encoder"):
-            backend.check_encoder(search.info)
+        backend.check_encoder(search.info)
 
     @classmethod
     def open(cls, settings: AskSettings, *, encoder=None, backend: AnswerBackend | None = None) -> "Answerer":
         """Open ``settings.collection`` and load the backend (the encoder loads on the first query)."""
-        from clipdex.retrieval.store.record import Database
-        from clipdex.retrieval.store.search import SearchCollection
-
         search = SearchCollection(Database(settings.db).open(settings.collection), device=settings.device,
                                   encoder=encoder)
         backend = backend or make_backend(settings.backend, decoder=settings.decoder, device=settings.device)
@@ -145,9 +143,6 @@ class Answerer:
 
     def retrieve(self, *, image=None, question: str | None = None, k: int = 5):
         """(the query image as PIL or None, its embedding or None, the top-k items with captions and vectors)."""
-        from clipdex.retrieval.models.images import open_rgb
-        from PIL import Image
-
         pil = vec = None
         if image is not None:
             pil = image if isinstance(image, Image.Image) else open_rgb(image)  # kept for backends that read pixels
@@ -155,16 +150,10 @@ class Answerer:
         if k <= 0:
             return pil, vec, []
         query = vec if vec is not None else self.search.embed_text(question)
-        hits = self.search.search_vector(query, table="images", k=k)
-        ids = [h.id for h in hits]
-        rows = {}
-        if ids:
-            t = (self.search.collection.images.search().where(sql_in("id", ids)).select(["id", "captions", "vector"])
-                 .limit(None).to_arrow().to_pylist())
-            rows = {r["id"]: r for r in t}
+        hits = self.search.search_vector(query, table="images", k=k, columns=("captions", "vector"))
         items = []
         for h in hits:
-            r = rows.get(h.id, {})
+            r = h.extra or {}  # None: the row went between the FAISS index and now
             caps = r.get("captions") or []
             items.append(RetrievedItem(rank=h.rank, id=h.id, path=h.path, caption=caps[0] if caps else None,
                                        score=h.score, vector=np.asarray(r["vector"], np.float32) if r else None))
@@ -184,7 +173,6 @@ class Answerer:
                                     max_new_tokens=self.settings.max_new_tokens,
                                     beams=self.settings.beams if beams is None else beams)
         weights = out.weights if out.weights is not None else [None] * len(items)
-        evidence = [{"rank": it.rank, "id": it.id, "path": it.path, "caption": it.caption,
-                     "score": round(float(it.score), 4), "weight": None if w is None else round(float(w), 4)}
-                    for it, w in zip(items, weights)]
+        evidence = [Evidence(rank=it.rank, id=it.id, path=it.path, caption=it.caption, score=round(float(it.score), 4),
+                             weight=None if w is None else round(float(w), 4)) for it, w in zip(items, weights)]
         return AnswerResult(question, out.text, evidence, self.backend.name)

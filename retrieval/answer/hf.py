@@ -32,7 +32,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from clipdex.retrieval.answer.backend import GeneratedAnswer, RetrievedItem
+from clipdex.retrieval.answer.backend import (
+    AnswerBackend,
+    GeneratedAnswer,
+    RetrievedItem,
+)
 from clipdex.retrieval.models.device import resolve_device
 from PIL import Image
 
@@ -112,7 +116,7 @@ def _load_image(item: RetrievedItem) -> Image.Image | None:
         return None
 
 
-class HFAnswerBackend:
+class HFAnswerBackend(AnswerBackend):
     """An :class:`AnswerBackend` over any pretrained image-text-to-text model with a chat template.
 
     ``model`` is a hub id (``HuggingFaceTB/SmolVLM-256M-Instruct``) or a local folder written by

@@ -164,6 +164,23 @@ class DualEncoder:
             weights=weights_fingerprint(self.model),
         )
 
+    @property
+    def context_length(self) -> int:
+        """Tokens the text tower reads, start and end markers included; a longer text is cut to this."""
+        return int(getattr(self.tokenizer, "context_length", None) or self.info.context_length)
+
+    def token_count(self, text: str) -> int | None:
+        """Tokens ``text`` takes before it is cut to :attr:`context_length`, start and end markers included;
+        None when the tokenizer cannot say (open_clip's CLIP and Hugging Face tokenizers can)."""
+        from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+        tok = self.tokenizer
+        if isinstance(tok, SimpleTokenizer) and tok.reduction_fn is None:
+            return len(tok.encode(text)) + 2  # [start] + BPE tokens + [end], as open_clip's __call__ builds it
+        if isinstance(tok, HFTokenizer):
+            return len(tok.tokenizer(tok.clean_fn(text))["input_ids"])
+        return None
+
     def _probe_dim(self) -> int:
         with torch.no_grad():
             return self.model.encode_text(self.tokenizer(["a"]).to(self.device)).shape[-1]

@@ -178,8 +178,7 @@ def build_for(collection, table: str, *, config: IndexConfig = IndexConfig()) ->
     if table == "captions" and rows.num_rows:  # a killed run may leave captions whose image never landed
         import pyarrow.compute as pc
 
-        owners = collection.images.search().select(["id"]).limit(None).to_arrow()["id"]
-        keep = pc.is_in(rows["image_id"], value_set=owners.combine_chunks() if owners.num_chunks else pa.array([], pa.string()))
+        keep = pc.is_in(rows["image_id"], value_set=pa.array(collection.ids("images"), pa.string()))
         if not pc.all(keep).as_py():
             mask = keep.to_numpy(zero_copy_only=False)
             vectors, rows = vectors[mask], rows.filter(keep)
@@ -239,5 +238,5 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
 def is_fresh(collection, table: str, sidecar: dict, *, config: IndexConfig = IndexConfig()) -> bool:
     """Whether an index built as ``sidecar`` says still covers the table exactly, built as ``config`` asks."""
     return (sidecar.get("fingerprint") == collection.fingerprint(table)
-            and sidecar["rows"] == getattr(collection, table).count_rows()
+            and sidecar["rows"] == collection.count(table)
             and sidecar["factory"] == config.factory_for(sidecar["rows"]))

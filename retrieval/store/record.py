@@ -35,6 +35,9 @@ STORE_VERSION_KEY = b"clipdex.store_version"
 STORE_VERSION = b"1"
 DEFAULT_DB = "clipdex-data/db"
 DEFAULT_COLLECTION = "default"
+TABLES = ("images", "captions")
+# the images-table columns a ``where`` filter may use (what ``search --where`` documents and errors list)
+FILTER_COLUMNS = ("id", "path", "source", "content_hash", "size", "mtime", "width", "height")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -145,19 +148,30 @@ def _table_names(db) -> list[str]:
 
 
 class Collection:
-    """One collection: its images table, its captions table and the encoder recorded with them."""
+    """One collection: its images table, its captions table and the encoder recorded with them.
+
+    The LanceDB table handles are private: every query of the collection is a method here, so that this
+    module stays the only one that speaks LanceDB.
+    """
 
     def __init__(self, database: Database, name: str):
         self.database = database
         self.name = name
-        self.images = database.db.open_table(f"{name}__images")
+        self._images = database.db.open_table(f"{name}__images")
         if f"{name}__captions" not in _table_names(database.db):
             database.db.create_table(f"{name}__captions", schema=captions_schema(self.encoder_info()))
-        self.captions = database.db.open_table(f"{name}__captions")
+        self._captions = database.db.open_table(f"{name}__captions")
+
+    def _table(self, table: str):
+        if table == "images":
+            return self._images
+        if table == "captions":
+            return self._captions
+        raise StoreError(f"unknown table {table!r} of collection {self.name!r}: use one of {', '.join(TABLES)}")
 
     def encoder_info(self) -> "EncoderInfo":
         """The encoder recorded in the images table's schema metadata."""
-        meta = self.images.schema.metadata or {}
+        meta = self._images.schema.metadata or {}
         if ENCODER_KEY not in meta:
             raise StoreError(f"{self.database.path}/{self.name}: not a clipdex collection (no encoder recorded)")
         from clipdex.retrieval.models.encoder import EncoderInfo
@@ -179,14 +193,72 @@ class Collection:
                 f"cannot {action} collection {self.name!r} with model {info.spec!r}: it was indexed with "
                 f"{have.spec!r} ({detail}). Use --model {have.spec} or another --collection.")
 
-    def count(self) -> int:
-        """Number of images."""
-        return self.images.count_rows()
+    def count(self, table: str = "images") -> int:
+        """Number of rows of ``table`` ('images' or 'captions')."""
+        return self._table(table).count_rows()
+
+    def caption_count(self) -> int:
+        """Number of captions."""
+        return self._captions.count_rows()
+
+    def ids(self, table: str = "images", *, where: str | None = None) -> list[str]:
+        """Ids of the rows of ``table``: all of them, or those matching ``where`` (SQL over the table's
+        columns; for images, :data:`FILTER_COLUMNS`)."""
+        t = self._table(table)
+
+        def run() -> pa.Table:
+            query = t.search().where(where) if where else t.search()
+            return query.select(["id"]).limit(None).to_arrow()
+
+        return _filter_errors(where, run)["id"].to_pylist()
+
+    def rows(self, ids: list[str] | None = None, *, columns: tuple[str, ...] | list[str],
+             table: str = "images") -> pa.Table:
+        """``columns`` of the rows of ``table`` with these ids (every row when ``ids`` is None), in no
+        particular order; ids not in the table are left out. Include ``id`` to match rows to ids."""
+        t, cols = self._table(table), list(columns)
+        if ids is None:
+            return t.search().select(cols).limit(None).to_arrow()
+        ids = list(ids)
+        parts = [t.search().where(sql_in("id", ids[i:i + 500])).select(cols).limit(None).to_arrow()
+                 for i in range(0, len(ids), 500)]
+        return pa.concat_tables(parts) if parts else pa.schema([t.schema.field(c) for c in cols]).empty_table()
+
+    def sources(self) -> list[str]:
+        """The folders and manifests (with ``#split=``) the images were indexed from, sorted."""
+        import pyarrow.compute as pc
+
+        return sorted(pc.unique(self.rows(columns=["source"])["source"]).to_pylist())
+
+    def nearest(self, table: str, vector: np.ndarray, *, k: int, where: str | None = None,
+                columns: tuple[str, ...] | list[str] = ("id",)) -> pa.Table:
+        """The ``k`` rows of ``table`` nearest to ``vector`` by inner product (cosine, on L2-normalised
+        vectors), best first: ``columns`` and a float64 ``score``. ``where`` (SQL over
+        :data:`FILTER_COLUMNS` of the images) is applied before the search, so k rows come back whenever k
+        match; for captions it selects the images whose captions are searched. Exact (clipdex builds no
+        LanceDB vector index): the FAISS accelerator is the fast path."""
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        t, cols, prefilter = self._table(table), list(columns), where
+        if table == "captions" and where:
+            owners = self.ids("images", where=where)
+            if not owners:
+                return pa.schema([*(t.schema.field(c) for c in cols), pa.field("score", pa.float64())]).empty_table()
+            prefilter = sql_in("image_id", owners)
+
+        def run() -> pa.Table:
+            query = t.search(vector).distance_type("dot")
+            if prefilter:
+                query = query.where(prefilter, prefilter=True)
+            return query.select([*cols, "_distance"]).limit(k).to_arrow()
+
+        found = _filter_errors(where, run)
+        score = [1.0 - d for d in found["_distance"].to_pylist()]  # LanceDB's dot distance is 1 - similarity
+        return found.select(cols).append_column(pa.field("score", pa.float64()), pa.array(score, pa.float64()))
 
     def existing(self, source: str) -> dict[str, ExistingRow]:
         """Rows indexed from ``source``, by id."""
         cols = ["id", "path", "content_hash", "size", "mtime", "captions"]
-        t = self.images.search().where(f"source = {sql_quote(source)}").select(cols).limit(None).to_arrow()
+        t = self._images.search().where(f"source = {sql_quote(source)}").select(cols).limit(None).to_arrow()
         return {i: ExistingRow(i, p, h, s, m, tuple(c or ())) for i, p, h, s, m, c in
                 zip(*(t[c].to_pylist() for c in cols))}
 
@@ -195,7 +267,7 @@ class Collection:
         if rows:
             update = pa.table({"id": [r[0] for r in rows], "mtime": [float(r[1]) for r in rows],
                                "size": pa.array([int(r[2]) for r in rows], pa.int64())})
-            self.images.merge_insert("id").when_matched_update_all().execute(update)
+            self._images.merge_insert("id").when_matched_update_all().execute(update)
 
     def replace(self, ids: list[str], images: pa.Table, captions: pa.Table | None) -> None:
         """Swap in new rows for ``ids``: the old images and captions go, then the new ones are appended
@@ -208,9 +280,9 @@ class Collection:
         """Append rows: captions first, then their images (the commit point)."""
         try:
             if captions is not None and captions.num_rows:
-                self.captions.add(captions.cast(self.captions.schema))
+                self._captions.add(captions.cast(self._captions.schema))
             if images.num_rows:
-                self.images.add(images.cast(self.images.schema))
+                self._images.add(images.cast(self._images.schema))
         except (OSError, RuntimeError, ValueError) as e:  # LanceDB reports I/O failures as several types
             raise StoreError(f"could not write to {self.database.path} (disk full?): {e}. Rows already "
                              "indexed are kept; run the same command again to go on.") from e
@@ -219,43 +291,53 @@ class Collection:
         """Delete images and then their captions."""
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
-            self.images.delete(sql_in("id", chunk))
-            self.captions.delete(sql_in("image_id", chunk))
+            self._images.delete(sql_in("id", chunk))
+            self._captions.delete(sql_in("image_id", chunk))
 
     def reconcile(self) -> int:
         """Drop captions whose image row is absent (what a killed run may leave); returns how many."""
-        image_ids = set(self.images.search().select(["id"]).limit(None).to_arrow()["id"].to_pylist())
-        cap_owner = set(self.captions.search().select(["image_id"]).limit(None).to_arrow()["image_id"].to_pylist())
+        image_ids = set(self.ids("images"))
+        cap_owner = set(self.rows(columns=["image_id"], table="captions")["image_id"].to_pylist())
         orphans = sorted(cap_owner - image_ids)
         for i in range(0, len(orphans), 500):
-            self.captions.delete(sql_in("image_id", orphans[i:i + 500]))
+            self._captions.delete(sql_in("image_id", orphans[i:i + 500]))
         return len(orphans)
 
     def versions(self) -> dict[str, int]:
         """The latest LanceDB version of each table (what a FAISS index records it covers)."""
-        for t in (self.images, self.captions):
+        for t in (self._images, self._captions):
             t.checkout_latest()  # a handle does not see other writers' commits by itself
-        return {"images": int(self.images.version), "captions": int(self.captions.version)}
+        return {"images": int(self._images.version), "captions": int(self._captions.version)}
 
     def fingerprint(self, table: str) -> str:
         """The latest version of ``table`` and when it was written: a dropped and re-created table that
         reaches the same version number still differs."""
-        t = getattr(self, table)
+        t = self._table(table)
         t.checkout_latest()
         v = t.list_versions()[-1]
         return f"{v['version']}@{v['timestamp'].isoformat()}"
 
     def vectors(self, table: str, columns: list[str]) -> tuple[np.ndarray, pa.Table]:
         """All vectors of ``table`` ('images' or 'captions') as (N, D) float32 with the asked columns."""
-        t = getattr(self, table).search().select(["vector", *columns]).limit(None).to_arrow()
+        t = self._table(table).search().select(["vector", *columns]).limit(None).to_arrow()
         dim = self.encoder_info().embed_dim
         vec = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
         return np.ascontiguousarray(vec, dtype=np.float32), t.select(columns)
 
     def compact(self) -> None:
         """Merge the small fragments many appends leave (LanceDB ``optimize``); best effort."""
-        for t in (self.images, self.captions):
+        for t in (self._images, self._captions):
             try:
                 t.optimize()
             except Exception as e:  # noqa: BLE001 - compaction is an optimisation, never a failure
                 logger.warning("could not compact %s: %s", t.name, e)
+
+
+def _filter_errors(where: str | None, run):
+    """``run()``, with LanceDB's report of a bad ``where`` (one of several error types) as a StoreError."""
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - LanceDB reports a bad filter as one of several error types
+        if not where:
+            raise
+        raise StoreError(f"bad filter {where!r}: {e}. Columns you can filter on: {', '.join(FILTER_COLUMNS)}") from e

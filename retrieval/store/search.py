@@ -8,7 +8,8 @@
     for h in hits: print(h.rank, h.score, h.path or h.caption)
 
 Without filters a query goes to the FAISS index (exact or approximate, see :mod:`clipdex.retrieval.store.faiss_index`);
-with filters (``path_glob``, ``where`` over columns such as width, height, mtime, size) it goes to LanceDB
+with filters (``path_glob``, ``where`` over the columns in
+:data:`clipdex.retrieval.store.record.FILTER_COLUMNS`) it goes to LanceDB
 with the filter applied before the vector search, so k results come back whenever k rows match. Scores
 are cosine similarities. The encoder is the one recorded in the collection; another is refused.
 """
@@ -17,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from clipdex.retrieval.models.images import open_rgb
 from clipdex.retrieval.store.faiss_index import (
     IndexConfig,
     LoadedIndex,
@@ -31,8 +34,8 @@ from clipdex.retrieval.store.record import (
     DEFAULT_COLLECTION,
     Collection,
     Database,
-    sql_in,
 )
+from PIL import Image
 
 from clipdex.exceptions import ClipdexError
 
@@ -41,7 +44,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a microsecond per field
 class Hit:
-    """One result: ``path`` is set for images, ``caption`` (and ``image_id``) for captions."""
+    """One result: ``path`` is set for images, ``caption`` (and ``image_id``) for captions; ``extra`` holds
+    the further columns the search was asked for (``columns=``), by name (None: the row is gone)."""
 
     rank: int
     id: str
@@ -49,12 +53,12 @@ class Hit:
     path: str | None = None
     caption: str | None = None
     image_id: str | None = None
+    extra: dict | None = None
 
     def as_dict(self) -> dict:
         """The JSON shape: rank, id, path, caption, score (and image_id for captions)."""
-        d = asdict(self)
-        return {k: d[k] for k in ("rank", "id", "path", "caption", "score")} | (
-            {"image_id": self.image_id} if self.image_id else {})
+        return {"rank": self.rank, "id": self.id, "path": self.path, "caption": self.caption,
+                "score": self.score} | ({"image_id": self.image_id} if self.image_id else {})
 
 
 def glob_to_like(pattern: str) -> str:
@@ -109,20 +113,24 @@ class SearchCollection:
 
     # --- queries -------------------------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:
-        """The (D,) embedding of a text query."""
+        """The (D,) embedding of a text query; blank text is refused, and a text longer than the text
+        tower's context is cut to it with a warning."""
+        if not text or not text.strip():
+            raise ClipdexError(f"empty text query {text!r}: type some words to search for (or query with an image)")
+        n, context = self.encoder.token_count(text), self.encoder.context_length
+        if n is not None and n > context:
+            logger.warning("the text query is longer than %s reads: kept its first %d of %d tokens, the rest is "
+                           "ignored", self.info.spec, context, n)
         return self.encoder.encode_texts([text])[0]
 
     def embed_image(self, image) -> np.ndarray:
         """The (D,) embedding of an image query: a path or a PIL image."""
-        from clipdex.retrieval.models.images import open_rgb
-        from PIL import Image
-
         im = image if isinstance(image, Image.Image) else open_rgb(image)
         return self.encoder.encode_images([im])[0]
 
     def search_text(self, text: str, *, k: int = 10, min_score: float | None = None, where: str | None = None,
                     path_glob: str | None = None) -> list[Hit]:
-        """Images best described by ``text``."""
+        """Images best described by ``text`` (blank text is refused)."""
         return self.search_vector(self.embed_text(text), table="images", k=k, min_score=min_score, where=where,
                                   path_glob=path_glob)
 
@@ -140,8 +148,9 @@ class SearchCollection:
 
     def search_vector(self, vector: np.ndarray, *, table: str = "images", k: int = 10,
                       min_score: float | None = None, where: str | None = None,
-                      path_glob: str | None = None) -> list[Hit]:
-        """Nearest rows of ``table`` to an embedding (already L2-normalised)."""
+                      path_glob: str | None = None, columns: Sequence[str] = ()) -> list[Hit]:
+        """Nearest rows of ``table`` to an embedding (already L2-normalised). ``columns``: further columns
+        of those rows (e.g. ``("captions", "vector")``) to return in each hit's ``extra``."""
         if k < 1:
             raise ClipdexError(f"k must be at least 1 (got {k})")
         vector = np.asarray(vector, dtype=np.float32).reshape(-1)
@@ -149,9 +158,11 @@ class SearchCollection:
             raise ClipdexError(f"query vector has {vector.shape[0]} dimensions; the collection has "
                                f"{self.info.embed_dim}")
         if where or path_glob:
-            hits = self._filtered(vector, table=table, k=k, where=where, path_glob=path_glob)
+            hits = self._filtered(vector, table=table, k=k, where=where, path_glob=path_glob, columns=tuple(columns))
         else:
             hits = self._accelerated(vector, table=table, k=k)
+            if columns:
+                self._fill(hits, table=table, columns=tuple(columns))
         if min_score is not None:
             hits = [h for h in hits if h.score >= min_score]
         return hits
@@ -167,32 +178,29 @@ class SearchCollection:
         texts, owners = cols["text"], cols["image_id"]
         return [Hit(r, ids[p], s, None, texts[p], owners[p]) for r, (p, s) in enumerate(found, 1) if p >= 0]
 
-    def _filtered(self, vector: np.ndarray, *, table: str, k: int, where: str | None,
-                  path_glob: str | None) -> list[Hit]:
+    def _fill(self, hits: list[Hit], *, table: str, columns: tuple[str, ...]) -> None:
+        """Fetch ``columns`` of the rows FAISS found, by id, into each hit's ``extra``."""
+        rows = self.collection.rows([h.id for h in hits], columns=("id", *columns), table=table).to_pylist()
+        by_id = {r["id"]: {c: r[c] for c in columns} for r in rows}
+        for h in hits:
+            h.extra = by_id.get(h.id)
+
+    def _filtered(self, vector: np.ndarray, *, table: str, k: int, where: str | None, path_glob: str | None,
+                  columns: tuple[str, ...]) -> list[Hit]:
         clauses = [f"({where})"] if where else []
         if path_glob:
             clauses.append(f"path LIKE '{glob_to_like(path_glob)}'")
-        expr = " AND ".join(clauses)
-        try:
+        shown = ["id", "path"] if table == "images" else ["id", "image_id", "text"]
+        t = self.collection.nearest(table, vector, k=k, where=" AND ".join(clauses),
+                                    columns=[*shown, *(c for c in columns if c not in shown)])
+        hits = []
+        for i, r in enumerate(t.to_pylist(), 1):
+            extra = {c: r[c] for c in columns} if columns else None
             if table == "images":
-                t = (self.collection.images.search(vector).distance_type("dot").where(expr, prefilter=True)
-                     .select(["id", "path", "_distance"]).limit(k).to_arrow())
-                return [Hit(i + 1, r["id"], 1.0 - float(r["_distance"]), path=r["path"])
-                        for i, r in enumerate(t.to_pylist())]
-            ids = (self.collection.images.search().where(expr).select(["id"]).limit(None).to_arrow()["id"]
-                   .to_pylist())
-            if not ids:
-                return []
-            t = (self.collection.captions.search(vector).distance_type("dot")
-                 .where(sql_in("image_id", ids), prefilter=True).select(["id", "image_id", "text", "_distance"]).limit(k)
-                 .to_arrow())
-        except ClipdexError:
-            raise
-        except Exception as e:  # LanceDB reports a bad filter as one of several error types
-            raise ClipdexError(f"bad filter {expr!r}: {e}. Columns you can filter on: id, path, source, "
-                               "content_hash, size, mtime, width, height") from e
-        return [Hit(i + 1, r["id"], 1.0 - float(r["_distance"]), caption=r["text"], image_id=r["image_id"])
-                for i, r in enumerate(t.to_pylist())]
+                hits.append(Hit(i, r["id"], r["score"], path=r["path"], extra=extra))
+            else:
+                hits.append(Hit(i, r["id"], r["score"], caption=r["text"], image_id=r["image_id"], extra=extra))
+        return hits
 
 
 def open_collection(db: str | Path, *, collection: str = DEFAULT_COLLECTION, model: str | None = None,
