@@ -1,7 +1,10 @@
-"""The ``clipdex`` command line: one subcommand per job, each registered by its module in ``clipdex.commands``.
+"""The ``clipdex`` command line: the top-level parser, with each ``clipdex.commands`` module's subcommands.
 
-``main(argv=None) -> int`` so tests can call it in process as well as in a subprocess. Library code never
-prints; subcommands decide what the user sees (a table by default, JSON with ``--json``).
+``build_parser()`` makes the parser (a :class:`~clipdex.commands.argtypes.CommandParser`: one help style for
+every command, unknown flags reported by the subcommand they were given to) and ``main(argv=None) -> int``
+runs a command, so tests can call it in process as well as in a subprocess. Library code never prints; the
+command modules decide what the user sees (a table by default, JSON with ``--json``) and ``main`` turns a
+``ClipdexError`` into one ``clipdex: error: ...`` line and exit code 1.
 """
 
 from __future__ import annotations
@@ -44,16 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
         train,
         world,
     )
+    from clipdex.commands.argtypes import CommandParser
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="clipdex",
         description="Cross-modal retrieval: embed images and captions with a contrastive dual encoder, "
         "search text->image, image->image and image->text, and answer questions grounded in the collection.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"clipdex {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging: -v for info, -vv for debug (default: warnings only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in (world, index, models, train, eval, search, demo, ask, app):
         command.register(sub)

@@ -1,4 +1,4 @@
-"""``clipdex app``: start the Streamlit UI on a database, with safe server settings."""
+"""``clipdex app``: start the Streamlit UI on a database as a child process, with safe server settings."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from clipdex.app.settings import AppSettings
+from clipdex.commands.argtypes import DEVICE_HELP
 from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``clipdex app`` to the ``clipdex`` parser."""
     p = sub.add_parser(
         "app", help="the web UI: search, ask, collections (Streamlit)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve the web UI on a database folder: search text->image, image->image and image->text, "
         "ask about an image, see the collections and index a folder. Binds to 127.0.0.1 unless --host says "
         "otherwise; XSRF protection is on; uploads are limited in size and type and decoded before use.",
@@ -32,16 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  clipdex app                                   # clipdex-data/db on http://127.0.0.1:8501\n"
         "  clipdex app --db ~/clipdex-db --collection photos --index-root ~/Pictures\n"
         "  clipdex app --host 0.0.0.0 --port 8080        # reachable from other machines: mind who can")
-    p.add_argument("--db", default=DEFAULT_DB, help="database folder (default: %(default)s)")
-    p.add_argument("--collection", default=DEFAULT_COLLECTION, help="collection shown first (default: %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    p.add_argument("--port", type=int, default=8501, help="port (default: %(default)s)")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="DIR", help="database folder")
+    p.add_argument("--collection", default=DEFAULT_COLLECTION, metavar="NAME", help="collection shown first")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; 0.0.0.0 serves every network (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8501, help="TCP port to serve on")
     p.add_argument("--index-root", action="append", default=None, metavar="DIR",
                    help="a folder under which the UI may index images (repeatable; default: your home folder)")
-    p.add_argument("--max-upload-mb", type=int, default=AppSettings.max_upload_mb,
-                   help="largest image upload in MB (default: %(default)s)")
-    p.add_argument("--device", default="auto", help="where the encoder runs: auto, cpu, cuda (default: %(default)s)")
-    p.add_argument("--decoder", default="", help="answering decoder checkpoint for the Ask page (default: the shipped one)")
+    p.add_argument("--max-upload-mb", type=int, default=AppSettings.max_upload_mb, metavar="MB",
+                   help="largest image upload, in megabytes")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--decoder", default="", metavar="FILE",
+                   help="answering decoder checkpoint for the Ask page (default: the shipped one)")
     p.set_defaults(func=_app)
 
 

@@ -1,11 +1,17 @@
-"""``clipdex eval``: a model's or a collection's retrieval recall, the attribute oracle, grounded answering."""
+"""``clipdex eval retrieval|oracle|answer``: a model's or a collection's recall, the attribute oracle's recall,
+and grounded answering, each printed as a table or JSON."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from clipdex.commands.argtypes import SPEC_HELP, int_at_least
+from clipdex.commands.argtypes import (
+    DEVICE_HELP,
+    SPEC_HELP,
+    WORKERS_HELP,
+    int_at_least,
+)
 from clipdex.retrieval.models.registry import DEFAULT_MODEL
 
 EVAL_SEED = 424242  # the evaluation world: never the decoder's training seed (1) nor the encoder's (0)
@@ -13,25 +19,13 @@ EVAL_SEED = 424242  # the evaluation world: never the decoder's training seed (1
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``eval`` (``retrieval``, ``oracle``, ``answer``) to the ``clipdex`` parser."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("eval", help="evaluate retrieval (model or oracle)",
-                       description="Measure recall@1/5/10 both ways (and foil accuracy) on a manifest split.")
+    p = sub.add_parser("eval", help="evaluate retrieval (a model, a collection, the oracle) or grounded answering",
+                       description="Measure recall@1/5/10 both ways and foil accuracy on a manifest split (a model, "
+                       "an indexed collection, or the attribute oracle), or the built-in decoder's grounded "
+                       "answering on a world it never trained on.")
     esub = p.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
-    r = esub.add_parser("retrieval", help="a model's held-out recall and foil accuracy", formatter_class=fmt,
-                        description="Embed the first --gallery images of --split and all their captions; report "
-                        "recall@1/5/10 text->image and image->text (ties count against the model) and foil "
-                        "accuracy. JSON keys: model, gallery, t2i, i2t, foil.",
-                        epilog="example:\n  clipdex eval retrieval --model clipdex-world --manifest "
-                        "worlds/demo/manifest.parquet --split test --gallery 1000 --json")
-    r.add_argument("--model", default=None, help=SPEC_HELP + f" (default: {DEFAULT_MODEL}, or the collection's)")
-    r.add_argument("--db", default=None, help="evaluate an indexed collection instead (its stored vectors)")
-    r.add_argument("--collection", default="default", help="with --db: the collection")
-    _eval_args(r)
-    r.add_argument("--device", default="auto")
-    r.add_argument("--workers", type=int, default=None)
-    r.set_defaults(func=_eval_retrieval)
+    _add_eval_retrieval(esub)
     o = esub.add_parser("oracle", help="the attribute oracle's recall (the ceiling the world allows)",
-                        formatter_class=fmt,
                         description="Rank by the generator's own attributes: each caption's claims are checked "
                         "against each scene. Same gallery, same pessimistic ties and same JSON as eval retrieval.")
     _eval_args(o)
@@ -39,34 +33,58 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_eval_answer(esub)
 
 
+def _add_eval_retrieval(esub: argparse._SubParsersAction) -> None:
+    r = esub.add_parser("retrieval", help="a model's held-out recall and foil accuracy",
+                        description="Embed the first --gallery images of --split and all their captions; report "
+                        "recall@1/5/10 text->image and image->text (ties count against the model) and foil "
+                        "accuracy. JSON keys: model, gallery, t2i, i2t, foil.",
+                        epilog="example:\n  clipdex eval retrieval --model clipdex-world \\\n"
+                        "      --manifest worlds/demo/manifest.parquet --split test --gallery 1000 --json")
+    r.add_argument("--model", default=None,
+                   help=f"the encoder, a {SPEC_HELP} (default: {DEFAULT_MODEL}, or with --db the collection's)")
+    r.add_argument("--db", default=None, metavar="DIR",
+                   help="evaluate an indexed collection instead, from the vectors it stored (default: embed now)")
+    r.add_argument("--collection", default="default", metavar="NAME", help="with --db: the collection")
+    _eval_args(r)
+    r.add_argument("--device", default="auto", help=DEVICE_HELP)
+    r.add_argument("--workers", type=int, default=None, metavar="N", help=WORKERS_HELP)
+    r.set_defaults(func=_eval_retrieval)
+
+
 def _add_eval_answer(esub: argparse._SubParsersAction) -> None:
     p = esub.add_parser(
         "answer", help="grounded answering: with vs without retrieval, random and oracle evidence",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Generate an evaluation world with a seed the decoder never trained on (its landmark facts "
         "only in its corpus captions), index it with clipdex, and measure the built-in decoder: fact questions "
         "with retrieval, without, with random items and with the right landmark forced in; visual questions "
         "with and without retrieval; captions (BLEU-4, CIDEr); evidence top-1; retriever recall@k. JSON keys: "
         "landmark{rag,no_retrieval,random,oracle}, visual{rag,no_retrieval}, caption{bleu4,cider,"
         "bleu4_no_retrieval,cider_no_retrieval}, evidence_top1, retriever_recall@k.")
-    p.add_argument("--decoder", default=None, help="decoder checkpoint (default: the shipped one)")
-    p.add_argument("--world-dir", default="clipdex-data/answer-eval-world")
-    p.add_argument("--db", default=None, help="default: WORLD_DIR/db")
-    p.add_argument("--collection", default="answer-eval")
-    p.add_argument("--seed", type=int, default=EVAL_SEED)
-    p.add_argument("--corpus", type=int_at_least(10), default=1000)
-    p.add_argument("--landmarks", type=int_at_least(1), default=60)
-    p.add_argument("--views", type=int_at_least(1), default=2)
-    p.add_argument("-k", "--top-k", type=int_at_least(1), default=5)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--decoder", default=None, metavar="FILE", help="decoder checkpoint (default: the shipped one)")
+    world = p.add_argument_group("evaluation world (generated only if WORLD_DIR holds none)")
+    world.add_argument("--world-dir", default="clipdex-data/answer-eval-world", help="folder of the evaluation world")
+    world.add_argument("--db", default=None, metavar="DIR", help="database for its collection (default: WORLD_DIR/db)")
+    world.add_argument("--collection", default="answer-eval", metavar="NAME", help="collection of its corpus")
+    world.add_argument("--seed", type=int, default=EVAL_SEED,
+                       help="world seed; keep it apart from the decoder's training seed (1)")
+    world.add_argument("--corpus", type=int_at_least(10), default=1000, metavar="N", help="ordinary corpus scenes")
+    world.add_argument("--landmarks", type=int_at_least(1), default=60, metavar="N",
+                       help="landmarks, whose facts the questions ask")
+    world.add_argument("--views", type=int_at_least(1), default=2, metavar="N",
+                       help="query photos per landmark (one set of questions each)")
+    p.add_argument("-k", "--top-k", type=int_at_least(1), default=5, metavar="K",
+                   help="retrieved items given to the decoder per question")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_eval_answer)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--gallery", type=int, default=1000, help="number of images in the gallery")
+    p.add_argument("--manifest", required=True, metavar="FILE",
+                   help="Parquet/CSV/JSONL with path and caption(s) columns (a world's manifest.parquet)")
+    p.add_argument("--split", default="test", help="the manifest split evaluated")
+    p.add_argument("--gallery", type=int, default=1000, metavar="N",
+                   help="gallery size: the first N images of the split and all their captions")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 

@@ -1,11 +1,17 @@
-"""``clipdex index``: a folder or a manifest into a collection (LanceDB record + FAISS accelerator)."""
+"""``clipdex index``: embed a folder or a manifest into a collection (LanceDB + FAISS) and print the run summary."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from clipdex.commands.argtypes import int_at_least
+from clipdex.commands.argtypes import (
+    DEVICE_HELP,
+    PRECISION_HELP,
+    SPEC_HELP,
+    WORKERS_HELP,
+    int_at_least,
+)
 from clipdex.retrieval.models.registry import DEFAULT_MODEL
 from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB
 
@@ -14,7 +20,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``index`` to the ``clipdex`` parser."""
     p = sub.add_parser(
         "index", help="index a folder or a manifest of images (incremental, resumable)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Embed every image of a folder (walked recursively: JPEG, PNG, WebP, GIF, BMP, TIFF) or of "
         "a manifest (Parquet/CSV/JSONL with a path column and optional caption/captions columns) into a "
         "collection: LanceDB tables of images and captions, plus FAISS indexes beside them.\n\n"
@@ -26,20 +31,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  clipdex index worlds/demo/manifest.parquet --split corpus --collection world\n"
         "  clipdex index ~/Pictures --model ViT-B-32:laion2b_s34b_b79k --collection photos-b32 --json")
     p.add_argument("source", help="a folder of images, or a manifest file")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"database folder (default: {DEFAULT_DB})")
-    p.add_argument("--collection", default=DEFAULT_COLLECTION, help="collection name (default: %(default)s)")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="DIR", help="database folder (created if missing)")
+    p.add_argument("--collection", default=DEFAULT_COLLECTION, metavar="NAME", help="collection name")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="encoder spec (default: %(default)s); a collection keeps the encoder it was made with")
-    p.add_argument("--split", default=None, help="manifests only: index just the rows of this split")
+                   help="encoder, a " + SPEC_HELP + "; a collection keeps the encoder it was made with")
+    p.add_argument("--split", default=None,
+                   help="manifests only: index just the rows of this split (default: every row)")
     g = p.add_argument_group("performance")
-    g.add_argument("--batch-size", type=int_at_least(1), default=256, help="images per encoder batch (default: %(default)s)")
-    g.add_argument("--workers", type=int_at_least(0), default=None,
-                   help="decoding processes (default: cores - 1; 0 decodes in the main process)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (default: %(default)s)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    g.add_argument("--flush-rows", type=int_at_least(1), default=4096, help="images per LanceDB append (default: %(default)s)")
-    g.add_argument("--exact-threshold", type=int_at_least(0), default=50_000,
-                   help="exact FAISS search up to this many vectors, an IVF index above (default: %(default)s)")
+    g.add_argument("--batch-size", type=int_at_least(1), default=256, metavar="N", help="images per encoder batch")
+    g.add_argument("--workers", type=int_at_least(0), default=None, metavar="N", help=WORKERS_HELP)
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
+    g.add_argument("--flush-rows", type=int_at_least(1), default=4096, metavar="N",
+                   help="images written to LanceDB per append (larger: fewer table fragments)")
+    g.add_argument("--exact-threshold", type=int_at_least(0), default=50_000, metavar="N",
+                   help="exact FAISS search up to this many vectors, an IVF index above")
     g.add_argument("--no-faiss", action="store_true", help="skip building FAISS indexes (search builds them)")
     p.add_argument("--rehash", action="store_true", help="hash every file, not only those whose size/mtime changed")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON (no progress bar)")

@@ -1,11 +1,17 @@
-"""``clipdex search`` (text->image, image->image, image->text) and ``clipdex collections``."""
+"""``clipdex search`` (text->image, image->image, image->text over a collection, printed as a ranked table
+or JSON) and ``clipdex collections`` (a database's collections with their sizes and encoders)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB
+from clipdex.commands.argtypes import DEVICE_HELP
+from clipdex.retrieval.store.record import (
+    DEFAULT_COLLECTION,
+    DEFAULT_DB,
+    FILTER_COLUMNS,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _add_search(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "search", help="search a collection: text->image, image->image, image->text",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Search an indexed collection. A text query finds images; --image FILE finds similar "
         "images; --image FILE --captions finds the captions that describe it. Scores are cosine similarities.",
         epilog="examples:\n"
@@ -27,18 +32,20 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
         "  clipdex search \"two blue squares\" --path 'album-3/*' --where 'width >= 64' --json\n"
         "JSON: {\"query\": ..., \"results\": [{\"rank\", \"id\", \"path\", \"caption\", \"score\"}, ...]}")
     p.add_argument("text", nargs="?", help="text query (omit with --image)")
-    p.add_argument("--image", help="image file to query with")
+    p.add_argument("--image", metavar="FILE", help="image file to query with, instead of a text query")
     p.add_argument("--captions", action="store_true", help="with --image: return captions, not images")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"database folder (default: {DEFAULT_DB})")
-    p.add_argument("--collection", default=DEFAULT_COLLECTION, help="collection (default: %(default)s)")
-    p.add_argument("-k", "--top-k", type=int, default=10, help="results (default: %(default)s)")
-    p.add_argument("--min-score", type=float, default=None, help="drop results below this cosine score")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="DIR", help="database folder")
+    p.add_argument("--collection", default=DEFAULT_COLLECTION, metavar="NAME", help="collection to search")
+    p.add_argument("-k", "--top-k", type=int, default=10, metavar="K", help="results to return, best first")
+    p.add_argument("--min-score", type=float, default=None, metavar="SCORE",
+                   help="drop results below this cosine similarity, -1 to 1 (default: keep all)")
     p.add_argument("--path", default=None, metavar="GLOB",
                    help="only images whose path matches (a relative glob matches at any depth: 'album-3/*', '*.png')")
     p.add_argument("--where", default=None, metavar="SQL",
-                   help="LanceDB filter over columns id, path, source, size, mtime, width, height")
-    p.add_argument("--model", default=None, help="encoder (default: the one the collection was indexed with)")
-    p.add_argument("--device", default="auto")
+                   help=f"LanceDB filter over columns {', '.join(FILTER_COLUMNS)}")
+    p.add_argument("--model", default=None,
+                   help="encoder for the query (default: the one the collection was indexed with)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_search)
 
@@ -46,8 +53,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 def _add_collections(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collections", help="list the collections of a database",
                        description="List the collections of a database folder with their sizes and encoders.")
-    p.add_argument("--db", default=DEFAULT_DB, help=f"database folder (default: {DEFAULT_DB})")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--db", default=DEFAULT_DB, metavar="DIR", help="database folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_collections)
 
 
@@ -87,7 +94,7 @@ def _collections(args) -> int:
     for name in db.collections():
         col = db.open(name)
         info = col.encoder_info()
-        rows.append({"collection": name, "images": col.count(), "captions": col.captions.count_rows(),
+        rows.append({"collection": name, "images": col.count(), "captions": col.caption_count(),
                      "model": info.spec, "embed_dim": info.embed_dim})
     if args.json:
         print(json.dumps({"db": str(db.path), "collections": rows}))

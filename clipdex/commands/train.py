@@ -1,4 +1,5 @@
-"""``clipdex train`` (the dual encoder, contrastive) and ``clipdex train-decoder`` (the answering decoder)."""
+"""``clipdex train`` (the dual encoder, contrastive) and ``clipdex train-decoder`` (the answering decoder):
+their flags, mapped onto the trainers' config dataclasses, and the final record printed."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ import json
 import shlex
 import sys
 
-from clipdex.commands.argtypes import SPEC_HELP, int_at_least
+from clipdex.commands.argtypes import (
+    DEVICE_HELP,
+    PRECISION_HELP,
+    SPEC_HELP,
+    WORKERS_HELP,
+    int_at_least,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,50 +24,62 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = sub.add_parser("train", help="contrastive training (from scratch or fine-tuning)", formatter_class=fmt,
+    p = sub.add_parser("train", help="contrastive training (from scratch or fine-tuning)",
                        description="Train a dual encoder with the CLIP objective on a manifest of image-caption "
                        "pairs; foils in the manifest become hard negatives. Writes model.safetensors, "
                        "model-compact.safetensors, metrics.jsonl and train.json to --out; re-running the same "
                        "command resumes an interrupted run.",
                        epilog="examples:\n  clipdex train --manifest worlds/w/manifest.parquet --out runs/w\n"
-                       "  clipdex train --manifest my_pairs.csv --train-split '' --eval-split '' "
-                       "--model ViT-B-32:laion2b_s34b_b79k --lr 1e-5 --epochs 2 --out runs/ft")
-    p.add_argument("--manifest", required=True, help="Parquet/CSV/JSONL with path and caption(s) columns")
-    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics)")
-    p.add_argument("--model", default="clipdex-s:random", help="start point; " + SPEC_HELP)
-    p.add_argument("--train-split", default="train", help="rows used for training ('' for all rows)")
-    p.add_argument("--eval-split", default="test", help="held-out rows evaluated after each epoch ('' for none)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--no-hard-negatives", action="store_true", help="do not use foils as extra negatives")
-    p.add_argument("--foil-weight", type=float, default=1.0,
-                   help="weight of the focused caption-vs-foil term (0: foils only as extra negatives)")
-    p.add_argument("--layout-weight", type=float, default=0.0,
-                   help="weight of layout supervision (world manifests only): a head shared by both towers must "
-                   "read where each shape and colour is, from the image and from the caption's cells and "
-                   "relations (0: off)")
-    p.add_argument("--eval-gallery", type=int, default=1000, help="held-out gallery size")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--workers", type=int, default=None, help="image decoding processes (default: cores - 1)")
-    p.add_argument("--save-every", type=int, default=500, help="steps between resumable checkpoints")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="fit the run into this much training time (steps set from the measured rate)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
-    p.add_argument("--json", action="store_true", help="print the final record as JSON")
+                       "  clipdex train --manifest my_pairs.csv --train-split '' --eval-split '' \\\n"
+                       "      --model ViT-B-32:laion2b_s34b_b79k --lr 1e-5 --epochs 2 --out runs/ft")
+    p.add_argument("--manifest", required=True, metavar="FILE",
+                   help="Parquet/CSV/JSONL with path and caption(s) columns")
+    p.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoints, metrics)")
+    p.add_argument("--model", default="clipdex-s:random",
+                   help="where training starts, a " + SPEC_HELP + "; ARCH:random trains from scratch, any other "
+                   "spec fine-tunes")
+    p.add_argument("--train-split", default="train", metavar="SPLIT", help="rows used for training ('' for all rows)")
+    p.add_argument("--eval-split", default="test", metavar="SPLIT",
+                   help="held-out rows evaluated after each epoch ('' for none)")
+    opt = p.add_argument_group("optimisation (AdamW, linear warm-up then cosine decay to 0)")
+    opt.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training rows")
+    opt.add_argument("--batch-size", type=int, default=256, metavar="N",
+                     help="image-caption pairs per step (each pair's negatives are the batch's other pairs)")
+    opt.add_argument("--lr", type=float, default=5e-4, help="peak learning rate, reached after the warm-up")
+    opt.add_argument("--weight-decay", type=float, default=0.1,
+                     help="AdamW weight decay on weight matrices (biases, norms, the temperature and "
+                     "positional embeddings are not decayed)")
+    opt.add_argument("--warmup-steps", type=int, default=200, metavar="N", help="steps of linear warm-up")
+    opt.add_argument("--max-steps", type=int, default=None, metavar="N",
+                     help="stop after this many steps (default: run every epoch)")
+    opt.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                     help="fit the run into this much training time: after 50 timed steps the step count, and so "
+                     "the schedule, is set from the measured rate (default: no limit)")
+    opt.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+    loss = p.add_argument_group("loss")
+    loss.add_argument("--no-hard-negatives", action="store_true", help="do not use foils as extra negatives")
+    loss.add_argument("--foil-weight", type=float, default=1.0,
+                      help="weight of the focused caption-vs-foil term (0: foils only as extra negatives)")
+    loss.add_argument("--layout-weight", type=float, default=0.0,
+                      help="weight of layout supervision (world manifests only): a head shared by both towers must "
+                      "read where each shape and colour is, from the image and from the caption's cells and "
+                      "relations (0: off)")
+    run = p.add_argument_group("run")
+    run.add_argument("--eval-gallery", type=int, default=1000, metavar="N",
+                     help="images of --eval-split ranked in each held-out evaluation")
+    run.add_argument("--device", default="auto", help=DEVICE_HELP)
+    run.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
+    run.add_argument("--workers", type=int, default=None, metavar="N", help=WORKERS_HELP)
+    run.add_argument("--save-every", type=int, default=500, metavar="N",
+                     help="steps between resumable checkpoints (one is also written at each epoch's end)")
+    run.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    run.add_argument("--json", action="store_true", help="print the final record as JSON")
     p.set_defaults(func=_train)
 
 
 def _add_train_decoder(sub: argparse._SubParsersAction) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser(
-        "train-decoder", help="train the built-in fused decoder on a built-in world", formatter_class=fmt,
+        "train-decoder", help="train the built-in fused decoder on a built-in world",
         description="Generate a training world (its own seed), index its corpus with clipdex, retrieve each "
         "query's neighbours through the index (a corpus image never retrieves itself), and train the fused "
         "decoder on landmark fact questions (counterfactual facts, distractor landmarks), visual questions and "
@@ -68,27 +87,36 @@ def _add_train_decoder(sub: argparse._SubParsersAction) -> None:
         "written then too, and re-running the same command resumes.",
         epilog="the shipped decoder: clipdex train-decoder --out runs/decoder/clipdex-answer.safetensors --ship "
         "(27 min on 2 CPU cores)")
-    p.add_argument("--out", required=True, help="decoder checkpoint (.safetensors); <out>.state.pt resumes")
-    p.add_argument("--model", default="clipdex-world", help="the dual encoder whose embeddings it reads")
-    p.add_argument("--world-dir", default="clipdex-data/decoder-world")
-    p.add_argument("--db", default=None, help="database for the training collection (default: WORLD_DIR/db)")
-    p.add_argument("--seed", type=int, default=1, help="training world seed")
-    p.add_argument("--corpus", type=int_at_least(10), default=3000, help="ordinary corpus scenes")
-    p.add_argument("--landmarks", type=int_at_least(2), default=300)
-    p.add_argument("--views", type=int_at_least(1), default=3, help="query views per landmark")
-    p.add_argument("--steps", type=int_at_least(1), default=2000)
-    p.add_argument("--batch-size", type=int_at_least(1), default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--eval-every", type=int_at_least(1), default=250)
-    p.add_argument("--k", type=int_at_least(1), default=5, help="retrieved items per training sequence, at most")
-    p.add_argument("--mix", type=_mix, default=(0.45, 0.35, 0.20), metavar="L,V,C",
-                   help="shares of landmark-fact, visual-question and caption sequences")
-    p.add_argument("--d-model", type=int_at_least(16), default=128)
-    p.add_argument("--layers", type=int_at_least(1), default=4)
-    p.add_argument("--heads", type=int_at_least(1), default=4)
-    p.add_argument("--ship", action="store_true", help="write --out compact (fp16, trained token rows only)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="decoder checkpoint (.safetensors); FILE.state.pt beside it lets a rerun resume")
+    p.add_argument("--model", default="clipdex-world",
+                   help="the dual encoder whose embeddings the decoder reads, a " + SPEC_HELP)
+    world = p.add_argument_group("training world (generated only if WORLD_DIR holds none)")
+    world.add_argument("--world-dir", default="clipdex-data/decoder-world", help="folder of the training world")
+    world.add_argument("--db", default=None, metavar="DIR",
+                       help="database for the training collection (default: WORLD_DIR/db)")
+    world.add_argument("--seed", type=int, default=1, help="training world seed")
+    world.add_argument("--corpus", type=int_at_least(10), default=3000, metavar="N", help="ordinary corpus scenes")
+    world.add_argument("--landmarks", type=int_at_least(2), default=300, metavar="N",
+                       help="landmarks, a tenth of them held out for evaluation")
+    world.add_argument("--views", type=int_at_least(1), default=3, metavar="N", help="query photos per landmark")
+    opt = p.add_argument_group("training")
+    opt.add_argument("--steps", type=int_at_least(1), default=2000, metavar="N", help="optimizer steps")
+    opt.add_argument("--batch-size", type=int_at_least(1), default=32, metavar="N", help="sequences per step")
+    opt.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW, warm-up then cosine decay)")
+    opt.add_argument("--eval-every", type=int_at_least(1), default=250, metavar="N",
+                     help="steps between held-out evaluations (each also writes --out)")
+    opt.add_argument("--k", type=int_at_least(1), default=5, help="retrieved items per training sequence, at most")
+    opt.add_argument("--mix", type=_mix, default=(0.45, 0.35, 0.20), metavar="L,V,C",
+                     help="relative shares of landmark-fact, visual-question and caption sequences")
+    shape = p.add_argument_group("decoder shape")
+    shape.add_argument("--d-model", type=int_at_least(16), default=128, metavar="N", help="hidden width")
+    shape.add_argument("--layers", type=int_at_least(1), default=4, metavar="N", help="transformer blocks")
+    shape.add_argument("--heads", type=int_at_least(1), default=4, metavar="N", help="attention heads per block")
+    p.add_argument("--ship", action="store_true",
+                   help="at the end, rewrite --out compact (fp16, trained token rows only), as the shipped one")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--no-resume", action="store_true", help="start over even if FILE.state.pt exists")
     p.add_argument("--json", action="store_true", help="print the final record as JSON")
     p.set_defaults(func=_train_decoder)
 

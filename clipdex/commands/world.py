@@ -1,4 +1,4 @@
-"""``clipdex world ...``: generate the built-in captioned world from the command line."""
+"""``clipdex world generate``: render the built-in captioned world into a folder and print its summary."""
 
 from __future__ import annotations
 
@@ -35,26 +35,30 @@ def register(sub: argparse._SubParsersAction) -> None:
         "generate", help="generate images and a Parquet manifest",
         description="Render a seeded world into --out: train, test (held-out scenes), corpus (a collection "
         "to index, with landmark scenes) and query (photos of the landmarks) splits.",
-        epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=GENERATE_EPILOG,
     )
-    g.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created)")
-    g.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    g.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (created if missing)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="world seed: the same seed and counts give the same world")
     sizes = g.add_argument_group("sizes")
-    sizes.add_argument("--train", type=int_at_least(0), default=20000, metavar="N", help="train images (20000)")
-    sizes.add_argument("--test", type=int_at_least(0), default=2000, metavar="N", help="test images (2000)")
+    sizes.add_argument("--train", type=int_at_least(0), default=20000, metavar="N", help="train images")
+    sizes.add_argument("--test", type=int_at_least(0), default=2000, metavar="N",
+                       help="test images (held-out scenes)")
     sizes.add_argument("--corpus", type=int_at_least(0), default=2000, metavar="N",
-                       help="ordinary corpus images; landmark scenes are added on top (2000)")
-    sizes.add_argument("--landmarks", type=int_at_least(0), default=50, metavar="N", help="landmarks (50)")
+                       help="ordinary corpus images; each landmark's scene is added on top")
+    sizes.add_argument("--landmarks", type=int_at_least(0), default=50, metavar="N",
+                       help="landmarks: corpus scenes whose captions state facts (name, year, city, builder)")
     sizes.add_argument("--views", type=int_at_least(0), default=3, metavar="N",
-                       help="query views per landmark (3)")
-    sizes.add_argument("--captions", type=int_at_least(0), default=5, metavar="N", help="captions per image (5)")
-    sizes.add_argument("--size", type=int_at_least(0), default=128, metavar="PX", help="image side in pixels (128)")
+                       help="query photos per landmark (the query split)")
+    sizes.add_argument("--captions", type=int_at_least(0), default=5, metavar="N", help="captions per image")
+    sizes.add_argument("--size", type=int_at_least(0), default=128, metavar="PX", help="image side, in pixels")
     sizes.add_argument("--twins", type=float, default=0.0, metavar="FRACTION",
-                       help="share of train scenes followed by a twin (0.0): two objects' cells swapped, or a "
+                       help="share of train scenes followed by a twin, 0 to 1: two objects' cells swapped, or a "
                        "lone object moved; twins teach a model that 'A left of B' is not 'B left of A'")
     run = g.add_argument_group("run")
     run.add_argument("--workers", type=int_at_least(0), default=None, metavar="N",
-                     help=f"worker processes (default: CPU count, {os.cpu_count()} here)")
+                     help="rendering processes; 0 or 1 renders in this process "
+                     f"(default: the CPU count, {os.cpu_count()} here)")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the images, manifest and world.json of an existing world in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
