@@ -272,7 +272,7 @@ def test_every_format_and_exif_orientation(tiny_world, tmp_path):
     assert s["counts"]["indexed"] == 7 and s["failures"] == []
     assert calls == [(0, 7), (4, 7), (7, 7)]  # after the plan, then after each batch
     col = open_collection(tmp_path / "db")
-    t = col.collection.images.search().select(["path", "width", "height"]).limit(None).to_arrow().to_pylist()
+    t = col.collection.rows(columns=["path", "width", "height"]).to_pylist()
     size = {Path(r["path"]).name: (r["width"], r["height"]) for r in t}
     assert size["rotated.jpg"] == (48, 96)
     for ext in ["webp", "gif", "bmp", "tiff", "png"]:  # each file is found by its own picture
