@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipdex.indexer.decode import decode_image
-from clipdex.retrieval.store.record import check_name
 from PIL import Image
 
 from clipdex.exceptions import ClipdexError, StoreError
+from clipdex.retrieval.models.images import decode_image
+from clipdex.retrieval.store.record import check_name
 
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 

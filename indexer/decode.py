@@ -7,7 +7,6 @@ error with its reason instead of a tensor; the batch goes on without it.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import logging
 import multiprocessing as mp_context
@@ -17,12 +16,13 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image
+
 from clipdex.indexer.reader import SourceItem
-from PIL import Image, ImageOps
+from clipdex.retrieval.models.images import DEFAULT_MAX_PIXELS, decode_image
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 100_000_000  # larger images are refused as decompression bombs (PIL's default is 89M)
 
 
 def content_hash(data: bytes) -> str:
@@ -34,48 +34,6 @@ def hash_file(path: str) -> str:
     """The content hash of the file at ``path``."""
     with open(path, "rb") as f:
         return content_hash(f.read())
-
-
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # PIL never hands other bytes to other
-# decoders (EPS, for one, would run Ghostscript)
-
-
-def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, int, int]:
-    """Bytes -> RGB PIL image with EXIF orientation applied, plus its (width, height) before any reduction.
-
-    Only the formats in ``IMAGE_FORMATS`` are opened. An image of more than ``max_pixels`` pixels is refused
-    as a decompression bomb from its header, before any pixel is decoded (PIL's own process-wide limit is
-    switched off so that callers with different limits, e.g. threads of the app, never race on it).
-    """
-    Image.MAX_IMAGE_PIXELS = None  # idempotent: the limit below is per call
-    im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    if im.width * im.height > max_pixels:
-        raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels is over the {max_pixels} limit")
-    im.seek(0)  # GIF, TIFF: the first frame
-    w, h = im.size
-    if draft_size and im.format == "JPEG":
-        im.draft("RGB", (draft_size, draft_size))  # decode a reduced JPEG when it is far bigger than needed
-    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter
-        w, h = h, w
-    im.load()
-    im = ImageOps.exif_transpose(im)
-    return _to_8bit(im).convert("RGB"), w, h
-
-
-def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float greyscale images scaled into 0-255 (PIL's convert would clip them)."""
-    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
-        return im
-    import numpy as np
-
-    a = np.asarray(im, dtype=np.float32)
-    if im.mode.startswith("I;16"):
-        a = a / 257.0
-    elif im.mode == "F" and a.size and float(a.max()) <= 1.0:
-        a = a * 255.0
-    elif a.size and float(a.max()) > 255.0:
-        a = a * (255.0 / float(a.max()))
-    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L")
 
 
 class DecodeItems(torch.utils.data.Dataset):

@@ -17,10 +17,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from clipdex.indexer.decode import DEFAULT_MAX_PIXELS, DecodePool, hash_file
+from clipdex.exceptions import StoreError
+from clipdex.files import atomic_write
+from clipdex.indexer.decode import DecodePool, hash_file
 from clipdex.indexer.embed import Embedder
 from clipdex.indexer.reader import SourceItem, SourceListing, read_source
 from clipdex.indexer.writer import StoreWriter
+from clipdex.retrieval.models.images import DEFAULT_MAX_PIXELS
 from clipdex.retrieval.store.faiss_index import IndexConfig, load_for
 from clipdex.retrieval.store.record import (
     DEFAULT_COLLECTION,
@@ -29,9 +32,6 @@ from clipdex.retrieval.store.record import (
     Database,
     check_name,
 )
-
-from clipdex.exceptions import StoreError
-from clipdex.files import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,13 @@ import time
 import numpy as np
 import pytest
 import torch
+
 from clipdex.data_manifests.pairs import Pairs, load_pairs
+from clipdex.exceptions import ClipdexError, ManifestError
 from clipdex.retrieval.models import checkpoint as ckpt
 from clipdex.retrieval.training.contrastive import (
     TrainConfig,
     contrastive_loss,
-    lr_at,
     train,
 )
 from clipdex.retrieval.training.data import CaptionedImages
@@ -26,12 +27,11 @@ from clipdex.retrieval.training.layout import (
     collate_targets,
     image_targets,
 )
-
-from clipdex.exceptions import ClipdexError, ManifestError
+from clipdex.retrieval.training.schedule import cosine_lr
 
 
 def test_lr_schedule_warms_up_then_decays():
-    lrs = [lr_at(s, base=1.0, warmup=10, total=100) for s in range(100)]
+    lrs = [cosine_lr(s, base=1.0, warmup=10, total=100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] < 0.01

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+
 from clipdex.data_manifests.world import vocab
 from clipdex.data_manifests.world.claims import RELATIONS, satisfies
 from clipdex.data_manifests.world.scene import (

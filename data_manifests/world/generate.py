@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from clipdex.data_manifests import schema
 from clipdex.data_manifests.world.captions import make_captions
 from clipdex.data_manifests.world.landmarks import make_landmark, query_view
@@ -77,10 +78,6 @@ class WorldConfig:
         if self.album_size < 1:
             raise ValueError(f"WorldConfig.album_size must be >= 1, got {self.album_size}")
 
-    def split_sizes(self) -> dict[str, int]:
-        """Images per split (corpus includes the landmark scenes)."""
-        return {"train": self.train, "test": self.test, "corpus": self.corpus + self.landmarks,
-                "query": self.landmarks * self.views_per_landmark}
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+
 from clipdex.data_manifests.world.scene import (
     LandmarkFacts,
     Scene,

@@ -18,9 +18,9 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from clipdex.data_manifests.world import vocab
 from clipdex.data_manifests.world.claims import as_scene, score
-
 from clipdex.metrics import DEFAULT_KS, ranks_by_owner, recall_at
 
 _SHAPE = {s: i for i, s in enumerate(vocab.SHAPES)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+
 from clipdex.data_manifests.world import vocab
 from clipdex.data_manifests.world.claims import RELATIONS
 from clipdex.data_manifests.world.scene import Scene

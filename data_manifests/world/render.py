@@ -14,9 +14,10 @@ import math
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
+
 from clipdex.data_manifests.world import vocab
 from clipdex.data_manifests.world.scene import Scene, SceneObject
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 SUPERSAMPLE = 2
 OUTLINE_WIDTH = 0.022  # border of large hollow objects, fraction of image width (small: 85% of it)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+
 from clipdex.data_manifests.world import vocab
 
 CELL_MARGIN = 0.012  # free space kept between an object and its cell's border (fraction of width)

@@ -87,6 +87,5 @@ RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "smaller_than": ("smaller than",),
 }
 SPATIAL_RELATIONS = ("left_of", "right_of", "above", "below")
-SIZE_RELATIONS = ("larger_than", "smaller_than")
 
 COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four")

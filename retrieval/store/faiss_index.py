@@ -58,13 +58,6 @@ class IndexConfig:
         return self.factory.format(nlist=max(1, min(int(4 * math.sqrt(n)), n // 39)))
 
 
-def gpu_available() -> bool:
-    """Whether this FAISS build has GPU support and sees a GPU."""
-    import faiss
-
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 def build_faiss(vectors: np.ndarray, *, config: IndexConfig = IndexConfig(), seed: int = 0):
     """Build (and train, if it needs it) an inner-product index over ``vectors``; returns (index, factory)."""
     import faiss

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from clipdex.data_manifests.pairs import load_pairs
+from clipdex.exceptions import ClipdexError
+from clipdex.files import atomic_write
 from clipdex.retrieval.evaluation.recall import evaluate_retrieval
 from clipdex.retrieval.models import checkpoint as ckpt
 from clipdex.retrieval.models.device import autocast, resolve_device
@@ -35,21 +37,27 @@ from clipdex.retrieval.training.data import (
     single_thread_worker,
 )
 from clipdex.retrieval.training.layout import LayoutHead
-
-from clipdex.exceptions import ClipdexError
-from clipdex.files import atomic_write
+from clipdex.retrieval.training.schedule import (
+    ENCODER_NO_DECAY,
+    cosine_lr,
+    param_groups,
+    set_lr,
+)
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainConfig:
-    """Settings of one training run (the CLI's flags map onto these one to one)."""
+    """Settings of one training run. ``clipdex train`` sets each field from the flag of its name (``--out``
+    is ``out_dir``, ``--time-budget`` is ``time_budget_s``, ``--no-hard-negatives`` clears ``hard_negatives``,
+    an empty ``--train-split``/``--eval-split`` is None) and ``command`` from its own command line;
+    ``aug_scale`` has no flag. ``--no-resume`` is :func:`train`'s ``resume``, not a field."""
 
     manifest: str
     out_dir: str
     model: str = "clipdex-s:random"  # where to start: ARCH:random trains from scratch; any spec fine-tunes
-    train_split: str = "train"
+    train_split: str | None = "train"  # None: every row
     eval_split: str | None = "test"  # None: no held-out evaluation
     epochs: int = 10
     batch_size: int = 256
@@ -82,14 +90,6 @@ class TrainState:
     seconds: float = 0.0
 
 
-def lr_at(step: int, *, base: float, warmup: int, total: int) -> float:
-    """Linear warm-up to ``base`` over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * base * (1 + math.cos(math.pi * progress))
-
-
 def contrastive_loss(img: torch.Tensor, cap: torch.Tensor, foil: torch.Tensor | None, scale: torch.Tensor,
                      *, foil_owner: torch.Tensor | None = None, foil_weight: float = 0.0):
     """Symmetric InfoNCE; ``foil`` rows (F, D) are extra negatives for image->text. Inputs are normalised.
@@ -109,16 +109,6 @@ def contrastive_loss(img: torch.Tensor, cap: torch.Tensor, foil: torch.Tensor | 
     return loss
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float):
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim < 2 or "logit_scale" in name or "positional_embedding" in name or "class_embedding" in name
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _arch_config(loaded) -> dict:
     cfg = loaded.meta.model_config if loaded.meta else get_model_config(loaded.arch)
     if cfg is None:
@@ -126,153 +116,200 @@ def _arch_config(loaded) -> dict:
     return cfg
 
 
+class _Run:
+    """One training run's moving parts: the model, optimizer, optional layout head, the token-use mask and
+    the state a resume restores. ``train`` drives it: resume, then epochs of steps, then the final export."""
+
+    def __init__(self, config: TrainConfig, *, resume: bool):
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        self.pairs = load_pairs(config.manifest, split=config.train_split)
+        self.eval_pairs = load_pairs(config.manifest, split=config.eval_split) if config.eval_split else None
+        self.state = TrainState()
+        self.last_w, self.last_s = self.out / "last.safetensors", self.out / "last.state.pt"
+        resuming = resume and self.last_w.exists() and self.last_s.exists()
+        self.loaded = build_model(str(self.last_w) if resuming else config.model,
+                                  aug_cfg={"scale": tuple(config.aug_scale)})
+        self.arch, self.model_config = self.loaded.arch, _arch_config(self.loaded)
+        self.model = self.loaded.model.to(self.device).train()
+        groups = param_groups(self.model, weight_decay=config.weight_decay, no_decay=ENCODER_NO_DECAY)
+        self.layout_head = None
+        if config.layout_weight > 0:  # a training-only head: kept in last.state.pt for resume, not in the model
+            self.layout_head = LayoutHead(int(self.model.text_projection.shape[1])).to(self.device)
+            groups.append({"params": list(self.layout_head.parameters()), "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
+        if resuming:
+            self._resume()
+        self.emb = getattr(self.model, "token_embedding", None)
+        self.used = (torch.zeros(self.emb.weight.shape[0], dtype=torch.bool, device=self.device)
+                     if self.emb is not None else None)
+        if self.used is not None and self.state.used_tokens:
+            self.used[torch.tensor(self.state.used_tokens, device=self.device)] = True
+
+    def _resume(self) -> None:
+        saved = torch.load(self.last_s, map_location="cpu", weights_only=True)
+        if (self.layout_head is not None) != ("layout_head" in saved):
+            raise ClipdexError(f"{self.out}: the run there was started "
+                               f"{'without' if self.layout_head is not None else 'with'} --layout-weight; resume "
+                               "it with the same setting, or start over with --no-resume")
+        self.opt.load_state_dict(saved["optimizer"])
+        if self.layout_head is not None:
+            self.layout_head.load_state_dict(saved["layout_head"])
+        self.state = TrainState(**json.loads(saved["state"]))
+        logger.info("resuming %s at step %d", self.out, self.state.step)
+
+    def save(self, path_w: Path, *, half: bool = False, compact: bool = False, records: dict | None = None) -> None:
+        """Write the model (optionally fp16 with only the token rows training used) to ``path_w``."""
+        meta = ckpt.CheckpointMeta(arch=self.arch, model_config=self.model_config, records=records or {})
+        token_ids = self.used.nonzero().flatten().tolist() if (compact and self.used is not None) else None
+        ckpt.save_checkpoint(path_w, state_dict=self.model.state_dict(), meta=meta, half=half,
+                             compact_token_ids=token_ids)
+
+    def checkpoint(self) -> None:
+        """Write ``last.safetensors`` and ``last.state.pt``: everything a resume needs."""
+        self.state.used_tokens = self.used.nonzero().flatten().tolist() if self.used is not None else []
+        self.save(self.last_w, records={"training": {"step": self.state.step}})
+        payload = {"optimizer": self.opt.state_dict(), "state": json.dumps(asdict(self.state))}
+        if self.layout_head is not None:
+            payload["layout_head"] = self.layout_head.state_dict()
+        atomic_write(self.last_s, lambda tmp: torch.save(payload, tmp))
+
+    def loader(self, dataset: CaptionedImages, *, epoch: int, skip: int, workers: int):
+        """The batches of ``epoch``, the first ``skip`` of them left out (a resume mid-epoch)."""
+        cfg = self.config
+        sampler = EpochBatches(len(dataset), batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch, skip=skip,
+                               groups=dataset.group_keys())
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                           collate_fn=Collate(self.loaded.tokenizer),
+                                           pin_memory=self.device.type == "cuda",
+                                           worker_init_fn=single_thread_worker if workers else None,
+                                           persistent_workers=False, prefetch_factor=4 if workers else None)
+
+    def step(self, batch, *, lr: float) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``batch``; returns the losses and the temperature, for the progress bar."""
+        cfg, device, model = self.config, self.device, self.model
+        images, caps, foils, foil_owner, layout = batch
+        set_lr(self.opt, lr)
+        images, caps = images.to(device, non_blocking=True), caps.to(device, non_blocking=True)
+        foils = foils.to(device, non_blocking=True) if foils is not None else None
+        shown = {}
+        with autocast(device, cfg.precision):
+            img = model.encode_image(images, normalize=True)
+            txt = model.encode_text(caps if foils is None else torch.cat([caps, foils]), normalize=True)
+            scale = model.logit_scale.exp().clamp(max=100)
+            loss = contrastive_loss(img.float(), txt[: len(caps)].float(),
+                                    txt[len(caps):].float() if foils is not None else None, scale.float(),
+                                    foil_owner=foil_owner.to(device), foil_weight=cfg.foil_weight)
+            if self.layout_head is not None:
+                (img_xy, img_m, img_o), (cap_xy, cap_m, cap_o) = [[t.to(device) for t in part] for part in layout]
+                shown["layout"] = (self.layout_head.loss(img.float(), img_xy, img_m, img_o)
+                                   + self.layout_head.loss(txt[: len(caps)].float(), cap_xy, cap_m, cap_o))
+                loss = loss + cfg.layout_weight * shown["layout"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.used is not None and self.emb.weight.grad is not None:
+            self.used |= self.emb.weight.grad.detach().abs().sum(1) > 0
+        self.opt.step()
+        self.state.step += 1
+        return {"loss": loss, "scale": scale, **shown}
+
+    def end_of_epoch(self, *, epoch: int, loss: float, t_start: float, workers: int, bar) -> None:
+        """Held-out evaluation (when there is a split for it), a ``metrics.jsonl`` row and a checkpoint."""
+        state = self.state
+        state.seconds = time.time() - t_start
+        row = {"epoch": epoch + 1, "step": state.step, "seconds": round(state.seconds, 1), "loss": round(loss, 4)}
+        if self.eval_pairs is not None:
+            self.model.eval()
+            self.loaded.model = self.model
+            enc = DualEncoder(self.loaded, device=str(self.device), precision=self.config.precision)
+            row["eval"] = evaluate_retrieval(enc, self.eval_pairs, gallery=self.config.eval_gallery, workers=workers)
+            self.model.train()
+            logger.info("epoch %d: %s", epoch + 1, json.dumps(row["eval"]))
+            bar.write(f"epoch {epoch + 1}: t2i R@1 {row['eval']['t2i']['recall@1']:.3f} "
+                      f"i2t R@1 {row['eval']['i2t']['recall@1']:.3f} foil {row['eval']['foil']}")
+        state.history.append(row)
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.checkpoint()
+
+    def finish(self, *, t_start: float) -> dict:
+        """Write ``model.safetensors``, its compact export and ``train.json``; returns the record."""
+        cfg, device, state = self.config, self.device, self.state
+        record = {
+            "command": cfg.command,
+            "config": {k: v for k, v in asdict(cfg).items() if k != "command"},
+            "arch": self.arch,
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "steps": state.step,
+            "seconds": round(time.time() - t_start, 1),
+            "history": state.history,
+            "final": state.history[-1].get("eval") if state.history else None,
+        }
+        self.save(self.out / "model.safetensors", records={"training": record})
+        self.save(self.out / "model-compact.safetensors", half=True, compact=True, records={"training": record})
+        (self.out / "train.json").write_text(json.dumps(record, indent=2))
+        return record
+
+
+class _TimeBudget:
+    """Fits a run into ``seconds`` of training: times 50 steps (after 20 to let the loader warm up) and then
+    sets the total step count, and so the cosine schedule, from the measured rate."""
+
+    def __init__(self, seconds: float | None, *, first_step: int):
+        self.seconds, self.probe_at, self.probe_t = seconds, first_step + 20, None
+
+    def total(self, step: int, total: int, *, t_start: float) -> int:
+        """The run's total steps after ``step`` (``total`` unless the budget just set a smaller one)."""
+        if not self.seconds:
+            return total
+        if step == self.probe_at:
+            self.probe_t = time.time()
+        elif self.probe_t and step == self.probe_at + 50:
+            rate = 50 / (time.time() - self.probe_t)
+            fit = step + int(rate * (self.seconds - (time.time() - t_start)))
+            if fit < total:
+                total = max(step + 1, fit)
+                logger.info("time budget %.0f s at %.1f steps/s: %d steps in all", self.seconds, rate, total)
+        return total
+
+
 def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) -> dict:
     """Run (or resume) training; returns the final record (also written to ``out_dir/train.json``)."""
     from tqdm.auto import tqdm
 
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(config.device)
-    torch.manual_seed(config.seed)
-    pairs = load_pairs(config.manifest, split=config.train_split)
-    eval_pairs = load_pairs(config.manifest, split=config.eval_split) if config.eval_split else None
-
-    state = TrainState()
-    last_w, last_s = out / "last.safetensors", out / "last.state.pt"
-    start_spec = config.model
-    if resume and last_w.exists() and last_s.exists():
-        start_spec = str(last_w)
-    loaded = build_model(start_spec, aug_cfg={"scale": tuple(config.aug_scale)})
-    arch, model_config = loaded.arch, _arch_config(loaded)
-    model = loaded.model.to(device).train()
-    groups = _param_groups(model, config.weight_decay)
-    layout_head = None
-    if config.layout_weight > 0:  # a training-only head: kept in last.state.pt for resume, not in the model
-        layout_head = LayoutHead(int(model.text_projection.shape[1])).to(device)
-        groups.append({"params": list(layout_head.parameters()), "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-    if start_spec == str(last_w):
-        saved = torch.load(last_s, map_location="cpu", weights_only=True)
-        if (layout_head is not None) != ("layout_head" in saved):
-            raise ClipdexError(f"{out}: the run there was started {'without' if layout_head is not None else 'with'} "
-                               "--layout-weight; resume it with the same setting, or start over with --no-resume")
-        opt.load_state_dict(saved["optimizer"])
-        if layout_head is not None:
-            layout_head.load_state_dict(saved["layout_head"])
-        state = TrainState(**json.loads(saved["state"]))
-        logger.info("resuming %s at step %d", out, state.step)
-
-    dataset = CaptionedImages(pairs, loaded.preprocess_train, seed=config.seed, hard_negatives=config.hard_negatives,
-                              layout=layout_head is not None)
+    run = _Run(config, resume=resume)
+    state = run.state
+    dataset = CaptionedImages(run.pairs, run.loaded.preprocess_train, seed=config.seed,
+                              hard_negatives=config.hard_negatives, layout=run.layout_head is not None)
     if len(dataset) < config.batch_size:
         raise ClipdexError(f"{config.manifest}: {len(dataset)} captioned images in split "
                            f"{config.train_split!r}, fewer than one batch of {config.batch_size}")
     steps_per_epoch = len(dataset) // config.batch_size
-    total = config.epochs * steps_per_epoch
-    if config.max_steps:
-        total = min(total, config.max_steps)
+    total = min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
     workers = default_workers() if config.workers is None else config.workers
-    emb = getattr(model, "token_embedding", None)
-    used = torch.zeros(emb.weight.shape[0], dtype=torch.bool, device=device) if emb is not None else None
-    if used is not None and state.used_tokens:
-        used[torch.tensor(state.used_tokens, device=device)] = True
-
-    def save(path_w: Path, *, half=False, compact=False, records=None):
-        meta = ckpt.CheckpointMeta(arch=arch, model_config=model_config, records=records or {})
-        token_ids = used.nonzero().flatten().tolist() if (compact and used is not None) else None
-        ckpt.save_checkpoint(path_w, state_dict=model.state_dict(), meta=meta, half=half, compact_token_ids=token_ids)
-
-    def checkpoint_now():
-        state.used_tokens = used.nonzero().flatten().tolist() if used is not None else []
-        save(last_w, records={"training": {"step": state.step}})
-        payload = {"optimizer": opt.state_dict(), "state": json.dumps(asdict(state))}
-        if layout_head is not None:
-            payload["layout_head"] = layout_head.state_dict()
-        atomic_write(last_s, lambda tmp: torch.save(payload, tmp))
-
     t_start = time.time() - state.seconds
-    probe_at, probe_t = state.step + 20, None  # time steps probe_at..probe_at+50, after warm-up of the loader
+    budget = _TimeBudget(config.time_budget_s, first_step=state.step)
     bar = tqdm(total=total, initial=state.step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     while state.step < total:
         epoch, skip = divmod(state.step, steps_per_epoch)
         dataset.epoch = epoch
-        sampler = EpochBatches(len(dataset), batch_size=config.batch_size, seed=config.seed, epoch=epoch, skip=skip,
-                               groups=dataset.group_keys())
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                             collate_fn=Collate(loaded.tokenizer), pin_memory=device.type == "cuda",
-                                             worker_init_fn=single_thread_worker if workers else None,
-                                             persistent_workers=False, prefetch_factor=4 if workers else None)
-        for images, caps, foils, foil_owner, layout in loader:
-            lr = lr_at(state.step, base=config.lr, warmup=config.warmup_steps, total=total)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            images, caps = images.to(device, non_blocking=True), caps.to(device, non_blocking=True)
-            foils = foils.to(device, non_blocking=True) if foils is not None else None
-            with autocast(device, config.precision):
-                img = model.encode_image(images, normalize=True)
-                texts = caps if foils is None else torch.cat([caps, foils])
-                txt = model.encode_text(texts, normalize=True)
-                scale = model.logit_scale.exp().clamp(max=100)
-                loss = contrastive_loss(img.float(), txt[: len(caps)].float(),
-                                        txt[len(caps):].float() if foils is not None else None, scale.float(),
-                                        foil_owner=foil_owner.to(device), foil_weight=config.foil_weight)
-                if layout_head is not None:
-                    (img_xy, img_m, img_o), (cap_xy, cap_m, cap_o) = [[t.to(device) for t in part] for part in layout]
-                    layout_loss = (layout_head.loss(img.float(), img_xy, img_m, img_o)
-                                   + layout_head.loss(txt[: len(caps)].float(), cap_xy, cap_m, cap_o))
-                    loss = loss + config.layout_weight * layout_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if used is not None and emb.weight.grad is not None:
-                used |= emb.weight.grad.detach().abs().sum(1) > 0
-            opt.step()
-            state.step += 1
-            if config.time_budget_s and state.step == probe_at:
-                probe_t = time.time()
-            elif config.time_budget_s and probe_t and state.step == probe_at + 50:
-                rate = 50 / (time.time() - probe_t)
-                fit = state.step + int(rate * (config.time_budget_s - (time.time() - t_start)))
-                if fit < total:
-                    total = max(state.step + 1, fit)
-                    bar.total = total
-                    logger.info("time budget %.0f s at %.1f steps/s: %d steps in all", config.time_budget_s, rate, total)
+        for batch in run.loader(dataset, epoch=epoch, skip=skip, workers=workers):
+            lr = cosine_lr(state.step, base=config.lr, warmup=config.warmup_steps, total=total)
+            out = run.step(batch, lr=lr)
+            bar.total = total = budget.total(state.step, total, t_start=t_start)
             bar.update(1)
-            shown = {"layout": f"{layout_loss.item():.3f}"} if layout_head is not None else {}
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", scale=f"{scale.item():.1f}", epoch=epoch + 1,
-                            **shown)
+            shown = {"layout": f"{out['layout'].item():.3f}"} if "layout" in out else {}
+            bar.set_postfix(loss=f"{out['loss'].item():.3f}", lr=f"{lr:.1e}", scale=f"{out['scale'].item():.1f}",
+                            epoch=epoch + 1, **shown)
             if state.step % config.save_every == 0:
                 state.seconds = time.time() - t_start
-                checkpoint_now()
+                run.checkpoint()
             if state.step >= total:
                 break
         if state.step % steps_per_epoch == 0 or state.step >= total:
-            state.seconds = time.time() - t_start
-            row = {"epoch": epoch + 1, "step": state.step, "seconds": round(state.seconds, 1), "loss": round(loss.item(), 4)}
-            if eval_pairs is not None:
-                model.eval()
-                loaded.model = model
-                enc = DualEncoder(loaded, device=str(device), precision=config.precision)
-                row["eval"] = evaluate_retrieval(enc, eval_pairs, gallery=config.eval_gallery, workers=workers)
-                model.train()
-                logger.info("epoch %d: %s", epoch + 1, json.dumps(row["eval"]))
-                bar.write(f"epoch {epoch + 1}: t2i R@1 {row['eval']['t2i']['recall@1']:.3f} "
-                          f"i2t R@1 {row['eval']['i2t']['recall@1']:.3f} foil {row['eval']['foil']}")
-            state.history.append(row)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            checkpoint_now()
+            run.end_of_epoch(epoch=epoch, loss=out["loss"].item(), t_start=t_start, workers=workers, bar=bar)
     bar.close()
-    record = {
-        "command": config.command,
-        "config": {k: v for k, v in asdict(config).items() if k != "command"},
-        "arch": arch,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "steps": state.step,
-        "seconds": round(time.time() - t_start, 1),
-        "history": state.history,
-        "final": state.history[-1].get("eval") if state.history else None,
-    }
-    save(out / "model.safetensors", records={"training": record})
-    save(out / "model-compact.safetensors", half=True, compact=True, records={"training": record})
-    (out / "train.json").write_text(json.dumps(record, indent=2))
-    return record
+    return run.finish(t_start=t_start)

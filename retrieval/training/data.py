@@ -7,15 +7,15 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+
 from clipdex.data_manifests.pairs import Pairs
+from clipdex.exceptions import ManifestError
 from clipdex.retrieval.models.images import open_rgb
 from clipdex.retrieval.training.layout import (
     caption_targets,
     collate_targets,
     image_targets,
 )
-
-from clipdex.exceptions import ManifestError
 
 
 class CaptionedImages(torch.utils.data.Dataset):

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from clipdex.retrieval.answer.decoder import DecoderConfig
 from clipdex.retrieval.answer.prompt import (
     Prompt,

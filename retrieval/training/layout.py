@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from clipdex.data_manifests.world import vocab
 
 ENTITIES: tuple[str, ...] = tuple(vocab.SHAPES) + tuple(vocab.COLOURS)
