@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image
+
 from clipdex.app.inputs import InputError, decode_checked
 from clipdex.app.jobs import IndexJobs
 from clipdex.app.settings import AppSettings
+from clipdex.exceptions import ClipdexError
 from clipdex.retrieval.store.record import Collection, Database
 from clipdex.retrieval.store.search import SearchCollection
-from PIL import Image
-
-from clipdex.exceptions import ClipdexError
 
 THUMB_PX = 192
 

@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from clipdex.exceptions import ClipdexError
 from clipdex.indexer.reader import read_source
 from clipdex.indexer.runner import IndexSettings, run_index
-
-from clipdex.exceptions import ClipdexError
 
 logger = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ from collections.abc import Callable
 from fnmatch import fnmatch
 
 import streamlit as st
+from PIL import Image
+
 from clipdex.app import backend
 from clipdex.app.inputs import UPLOAD_TYPES, InputError, check_upload
 from clipdex.app.settings import AppSettings
+from clipdex.exceptions import ClipdexError
 from clipdex.retrieval.answer.backend import Evidence
 from clipdex.retrieval.store.search import Hit
-from PIL import Image
-
-from clipdex.exceptions import ClipdexError
 
 PICK_LIMIT = 500  # collection images offered in the picker at once (narrow them with the path filter)
 GRID_COLUMNS = 4

@@ -72,6 +72,7 @@ def ensure_world(*, work: Path, images: int, seed: int, size: int) -> Path:
 def encoder_only(*, model: str, folder: Path, batch_size: int, warmup: int) -> dict:
     """Pre-decode every image of ``folder``, then time ``encode_image_tensors`` over the batches."""
     import torch
+
     from clipdex.indexer.decode import DecodePool
     from clipdex.indexer.reader import read_folder
     from clipdex.retrieval.models.encoder import load_encoder
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
+
     from clipdex.retrieval.models.images import default_workers
 
     if args.threads:

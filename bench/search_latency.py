@@ -44,6 +44,7 @@ def ensure_collection(*, db, name: str, info, size: int, centres: np.ndarray, no
     Returns (collection, seconds spent writing; 0 when reused).
     """
     import pyarrow as pa
+
     from clipdex.retrieval.store.record import images_schema
 
     if name in db.collections():
@@ -117,6 +118,7 @@ def pct(xs: list[float]) -> dict:
 
 def _load_in_child(db_path: str, name: str, config: dict) -> dict:
     import faiss  # noqa: F401 - imported before measuring: the library's own size is not the index's
+
     from clipdex.retrieval.store.faiss_index import IndexConfig, load_for
     from clipdex.retrieval.store.record import Database
 
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import faiss
     import torch
+
     from clipdex.retrieval.models.encoder import load_encoder
     from clipdex.retrieval.store.faiss_index import IndexConfig
     from clipdex.retrieval.store.record import Database

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import torch
+
 from clipdex.retrieval.models.encoder import DualEncoder
 
 

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+
 from clipdex.indexer.reader import SourceItem
 from clipdex.retrieval.store.record import Collection
 

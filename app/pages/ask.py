@@ -7,9 +7,9 @@ it. The item the answer rests on most is marked.
 """
 
 import streamlit as st
+
 from clipdex.app import backend, widgets
 from clipdex.app.settings import AppSettings
-
 from clipdex.exceptions import ClipdexError
 
 cfg = AppSettings.from_env()

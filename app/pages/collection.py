@@ -2,14 +2,14 @@
 and measured recall, the last index run's skipped files, and indexing a folder with a live progress bar."""
 
 import streamlit as st
+
 from clipdex.app import backend, widgets
 from clipdex.app.inputs import check_collection_name, check_index_folder
 from clipdex.app.settings import AppSettings
 from clipdex.app.widgets import plain
+from clipdex.exceptions import ClipdexError
 from clipdex.indexer.runner import IndexSettings
 from clipdex.retrieval.models.registry import DEFAULT_MODEL
-
-from clipdex.exceptions import ClipdexError
 
 UI_BATCH = 64  # images per batch and per store append while indexing from the UI: the progress bar's step
 

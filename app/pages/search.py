@@ -2,9 +2,9 @@
 Each image result has "More like this", which searches image -> image with it."""
 
 import streamlit as st
+
 from clipdex.app import backend, widgets
 from clipdex.app.settings import AppSettings
-
 from clipdex.exceptions import ClipdexError
 
 TEXT_TO_IMAGE, IMAGE_TO_IMAGE, IMAGE_TO_TEXT = "text → image", "image → image", "image → text"

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from clipdex.exceptions import ClipdexError, ModelMismatchError
 from clipdex.retrieval.answer.backend import (
     AnswerBackend,
     Evidence,
@@ -37,9 +40,6 @@ from clipdex.retrieval.models.device import resolve_device
 from clipdex.retrieval.models.images import open_rgb
 from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB, Database
 from clipdex.retrieval.store.search import SearchCollection
-from PIL import Image
-
-from clipdex.exceptions import ClipdexError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,9 @@ import json
 from pathlib import Path
 
 import torch
+
+from clipdex.exceptions import CheckpointError
+from clipdex.files import atomic_write
 from clipdex.retrieval.answer.decoder import DecoderConfig, FusedDecoder
 from clipdex.retrieval.models.checkpoint import (
     FORMAT_VERSION,
@@ -20,9 +23,6 @@ from clipdex.retrieval.models.checkpoint import (
     expand_rows,
 )
 from clipdex.retrieval.models.registry import WEIGHTS_DIR
-
-from clipdex.exceptions import CheckpointError
-from clipdex.files import atomic_write
 
 SHIPPED_DECODER = WEIGHTS_DIR / "clipdex-answer.safetensors"
 

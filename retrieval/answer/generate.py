@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from clipdex.retrieval.answer.decoder import FusedDecoder
 from clipdex.retrieval.answer.prompt import Sequence, add_answer, collate, eos_id
 

@@ -32,15 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
+from clipdex.exceptions import ClipdexError, MissingDependencyError, ModelSpecError
 from clipdex.retrieval.answer.backend import (
     AnswerBackend,
     GeneratedAnswer,
     RetrievedItem,
 )
 from clipdex.retrieval.models.device import resolve_device
-from PIL import Image
-
-from clipdex.exceptions import MissingDependencyError, ModelSpecError
+from clipdex.retrieval.models.images import open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,8 @@ def _load_image(item: RetrievedItem) -> Image.Image | None:
         logger.warning("retrieved item %s (rank %d) has no image file; left out of the prompt", item.id, item.rank)
         return None
     try:
-        with Image.open(item.path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError) as e:
+        return open_rgb(item.path)  # the one decoder: the pixels the item was indexed from
+    except ClipdexError as e:
         logger.warning("retrieved item %s (rank %d): cannot read %s (%s); left out of the prompt",
                        item.id, item.rank, item.path, e)
         return None

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
 from clipdex.retrieval.answer.decoder import (
     IGNORE,
     SEG_ANSWER,

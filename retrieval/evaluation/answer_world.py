@@ -58,6 +58,7 @@ def prepare_world(*, world_dir: str | Path, db: str | Path, collection: str, mod
                   encoder=None) -> WorldData:
     """Generate (if needed) and index a world, then retrieve every query's top-``top_n`` neighbours."""
     import pyarrow.parquet as pq
+
     from clipdex.data_manifests.world.generate import WorldConfig, generate_world
     from clipdex.indexer.runner import IndexSettings, run_index
     from clipdex.retrieval.models.encoder import load_encoder

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from clipdex.retrieval.answer.decoder import FusedDecoder
 from clipdex.retrieval.answer.generate import greedy
 from clipdex.retrieval.answer.prompt import Prompt, decode_ids, encode_prompt, normalise

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+
 from clipdex.data_manifests.pairs import Pairs
+from clipdex.exceptions import StoreError
 from clipdex.retrieval.evaluation.recall import GalleryEmbeddings, score_gallery
 from clipdex.retrieval.store.record import Collection
-
-from clipdex.exceptions import StoreError
 
 
 def evaluate_collection(collection: Collection, pairs: Pairs, *, gallery: int = 1000, model: str | None = None,

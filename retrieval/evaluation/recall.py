@@ -14,11 +14,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+
 from clipdex.data_manifests.pairs import Pairs
+from clipdex.metrics import DEFAULT_KS, ranks_by_owner, recall_at
 from clipdex.retrieval.models.encoder import DualEncoder
 from clipdex.retrieval.models.images import iter_image_batches
-
-from clipdex.metrics import DEFAULT_KS, ranks_by_owner, recall_at
 
 
 def embed_pairs_images(encoder: DualEncoder, pairs: Pairs, *, batch_size: int = 256,

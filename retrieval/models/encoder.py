@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from clipdex.exceptions import CheckpointError, ModelSpecError
 from clipdex.retrieval.models import checkpoint as ckpt
 from clipdex.retrieval.models.device import autocast, resolve_device
 from clipdex.retrieval.models.registry import ensure_registered, register_config
 from clipdex.retrieval.models.spec import ModelSpec, parse_model_spec
-
-from clipdex.exceptions import CheckpointError, ModelSpecError
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The registry of model architectures, as data: ``retrieval/model_configs/*.json`` (open_clip's format).
+"""The registry of model architectures, as data: ``retrieval/models/model_configs/*.json`` (open_clip's
+format), and :func:`add_model_config` for a user's own.
 
 Our own configs are registered with open_clip on first use, so ``open_clip.create_model("clipdex-s")``
 builds them like any built-in architecture. ``BUILTIN_MODELS`` names the trained checkpoints that ship

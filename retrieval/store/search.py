@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from clipdex.exceptions import ClipdexError
 from clipdex.retrieval.models.images import open_rgb
 from clipdex.retrieval.store.faiss_index import (
     IndexConfig,
@@ -35,9 +38,6 @@ from clipdex.retrieval.store.record import (
     Collection,
     Database,
 )
-from PIL import Image
-
-from clipdex.exceptions import ClipdexError
 
 logger = logging.getLogger(__name__)
 

@@ -2,11 +2,12 @@
 
 Hard negatives, as NegCLIP does: each caption's foils (the same words with the related objects swapped,
 or attributes swapped between objects) join the image->text softmax as extra negatives, so the text
-tower must read word order and binding, not a bag of words. AdamW, linear warm-up then cosine decay,
-bf16 autocast on GPU. With ``layout_weight`` on a world manifest, a shared linear head must read each
-shape's and colour's position from both towers' embeddings (:mod:`clipdex.retrieval.training.layout`). Every
-``save_every`` steps and at each epoch's end the run writes ``last.safetensors`` + ``last.state.pt``
-(atomically); ``resume`` continues from them at the exact batch.
+tower must read word order and binding, not a bag of words. AdamW, linear warm-up then cosine decay to 0
+(:mod:`clipdex.retrieval.training.schedule`), bf16 autocast on GPU. With ``layout_weight`` on a world
+manifest, a shared linear head must read each shape's and colour's position from both towers' embeddings
+(:mod:`clipdex.retrieval.training.layout`). Every ``save_every`` steps and at each epoch's end the run
+writes ``last.safetensors`` + ``last.state.pt`` (atomically); ``resume`` continues from them at the exact
+batch.
 After each epoch: held-out recall@1/5/10 both ways and foil accuracy (``metrics.jsonl``).
 """
 

@@ -136,7 +136,7 @@ def _train_step(model, opt, sampler: ExampleSampler, cfg: DecoderTrainConfig, dc
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return float(loss)
+    return loss.item()
 
 
 def _heldout_entry(model, data, held_views: list[int], cfg: DecoderTrainConfig, device, progress: _Progress,
