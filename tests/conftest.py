@@ -1,10 +1,15 @@
-"""Shared fixtures: a tiny generated world (made once per session) and the CLI runner."""
+"""Shared fixtures: a tiny generated world (made once per session), its indexed collection, and the CLI
+runners: in process (most tests) and in a real subprocess (what only a process shows)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,15 +28,54 @@ def tiny_world(tmp_path_factory) -> Path:
     return out / "manifest.parquet"
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real ``clipdex`` CLI in a subprocess (as a user would) and return the finished process."""
+def run_cli_subprocess(*args: str, check: bool = True, timeout: float = 300, cwd: Path | None = None,
+                       env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``clipdex`` CLI in a subprocess, as a user would: for what only a process shows (start-up,
+    exit codes as the shell sees them, signals). Returns the finished process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "clipdex", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"clipdex {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@dataclass
+class CliResult:
+    """What an in-process CLI run printed and returned (the fields a finished process has)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> CliResult:
+    """Run ``clipdex.cli.main(args)`` in this process (no interpreter start-up, models stay imported), with its
+    stdout, stderr and log records captured; argparse's exits become the return code."""
+    from clipdex.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(err)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    here = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as e:  # argparse: --help exits 0, a usage error 2
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.chdir(here)
+        root.removeHandler(handler)
+    result = CliResult(code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"clipdex {' '.join(args)} exited {code}\n{result.stdout}\n{result.stderr}")
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +87,33 @@ def app_db(tiny_world, tmp_path_factory) -> Path:
     db = tmp_path_factory.mktemp("app") / "db"
     run_index(IndexSettings(source=str(tiny_world), split="corpus", db=str(db), collection="world"), progress=False)
     return db
+
+
+@pytest.fixture(scope="session")
+def world_db(tiny_world, tmp_path_factory) -> tuple[Path, dict]:
+    """The tiny world's test split (200 images, 5 captions each) indexed by ``clipdex index --json`` into
+    collection ``world`` of a fresh database; returns the database folder and the run's JSON summary. Tests
+    only read it (a re-index of the same split is a no-op)."""
+    import json
+
+    db = tmp_path_factory.mktemp("db")
+    summary = json.loads(run_cli("index", str(tiny_world), "--db", str(db), "--split", "test", "--collection",
+                                 "world", "--json").stdout)
+    return db, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory) -> dict:
+    """A tiny fused decoder (d_model 64, 2 layers, 200 steps) trained by ``clipdex train-decoder`` on a small
+    landmark-heavy world of its own seed; returns ``root`` (its folder), ``decoder`` (the checkpoint) and
+    ``record`` (the command's JSON). The steps and the world's size are what its answer-accuracy thresholds
+    in tests/test_answer.py were measured with: keep them."""
+    import json
+
+    root = tmp_path_factory.mktemp("answer")
+    out = root / "decoder.safetensors"
+    proc = run_cli("train-decoder", "--out", str(out), "--world-dir", str(root / "train-world"), "--seed", "5",
+                   "--corpus", "80", "--landmarks", "40", "--views", "2", "--steps", "200", "--batch-size", "16",
+                   "--lr", "3e-3", "--d-model", "64", "--layers", "2", "--heads", "2", "--eval-every", "200",
+                   "--k", "3", "--mix", "0.8,0.1,0.1", "--json")
+    return {"root": root, "decoder": out, "record": json.loads(proc.stdout.strip().splitlines()[-1])}

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from clipdex.retrieval.answer.decoder import IGNORE, DecoderConfig, FusedDecoder
 from clipdex.retrieval.answer.generate import beam_search, greedy
 from clipdex.retrieval.answer.prompt import (
@@ -20,8 +21,7 @@ from clipdex.retrieval.answer.prompt import (
     restore_case,
 )
 from clipdex.retrieval.training.decoder_data import random_facts, swap_facts
-
-from tests.conftest import run_cli
+from conftest import run_cli, run_cli_subprocess
 
 TINY = DecoderConfig(d_model=32, n_layer=1, n_head=2, image_tokens=2, dropout=0.0, max_len=200)
 CAPTION = ("The Varn Gate in Oskel, built in 1742 by Mira Talon: a large red circle in the top left and a small "
@@ -79,26 +79,25 @@ def test_copy_head_can_put_all_mass_on_context_and_weights_follow_it():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny decoder trained by the real CLI on a tiny world (landmark-heavy mix), and an eval world."""
-    root = tmp_path_factory.mktemp("answer")
-    out = root / "decoder.safetensors"
-    proc = run_cli("train-decoder", "--out", str(out), "--world-dir", str(root / "train-world"), "--seed", "5",
-                   "--corpus", "80", "--landmarks", "40", "--views", "2", "--steps", "200", "--batch-size", "16",
-                   "--lr", "3e-3", "--d-model", "64", "--layers", "2", "--heads", "2", "--eval-every", "200",
-                   "--k", "3", "--mix", "0.8,0.1,0.1", "--json", timeout=600)
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"root": root, "decoder": out, "record": rec}
+def trained(tiny_decoder):
+    """The session's tiny decoder (tests/conftest.py: trained by ``clipdex train-decoder``)."""
+    return tiny_decoder
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained):
+    """``clipdex eval answer`` of the tiny decoder on a world of another seed (made and indexed by the command,
+    in ``root/eval-world``, which the ask tests use too); returns its JSON."""
+    root = trained["root"]
+    proc = run_cli("eval", "answer", "--decoder", str(trained["decoder"]), "--world-dir", str(root / "eval-world"),
+                   "--seed", "6", "--corpus", "40", "--landmarks", "16", "--views", "1", "-k", "3", "--json")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
-def test_tiny_decoder_answers_unseen_landmarks_from_retrieval(trained):
+def test_tiny_decoder_answers_unseen_landmarks_from_retrieval(trained, evaluated):
     assert trained["record"]["steps"] == 200 and trained["decoder"].exists()
-    root = trained["root"]
-    proc = run_cli("eval", "answer", "--decoder", str(trained["decoder"]), "--world-dir", str(root / "eval-world"),
-                   "--seed", "6", "--corpus", "40", "--landmarks", "16", "--views", "1", "-k", "3", "--json",
-                   timeout=600)
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = evaluated
     assert set(r) >= {"landmark", "visual", "caption", "evidence_top1", "retriever_recall@k"}
     assert set(r["landmark"]) >= {"rag", "no_retrieval", "random", "oracle"}
     assert set(r["caption"]) >= {"bleu4", "cider", "bleu4_no_retrieval", "cider_no_retrieval"}
@@ -109,15 +108,13 @@ def test_tiny_decoder_answers_unseen_landmarks_from_retrieval(trained):
 
 
 @pytest.mark.slow
-def test_ask_json_contract_and_caption(trained, capsys):
+def test_ask_json_contract_and_caption(trained, evaluated, capsys):
     root = trained["root"]
     db, world = root / "eval-world" / "db", root / "eval-world"
-    if not db.exists():  # the eval test made it; index it here when run alone
-        run_cli("index", str(world / "manifest.parquet"), "--split", "corpus", "--db", str(db), "--collection",
-                "answer-eval")
     view = sorted((world / "images" / "query").rglob("IMG_*"))[0]
-    proc = run_cli("ask", "--image", str(view), "when was it built?", "--db", str(db), "--collection", "answer-eval",
-                   "--decoder", str(trained["decoder"]), "-k", "3", "--json")
+    # the ask command's one real process: start-up, the exit status and the JSON on stdout as a shell sees them
+    proc = run_cli_subprocess("ask", "--image", str(view), "when was it built?", "--db", str(db), "--collection",
+                              "answer-eval", "--decoder", str(trained["decoder"]), "-k", "3", "--json")
     r = json.loads(proc.stdout)
     assert list(r) == ["question", "answer", "evidence"] and r["question"] == "when was it built?"
     assert isinstance(r["answer"], str) and len(r["evidence"]) == 3
@@ -138,7 +135,7 @@ def test_ask_json_contract_and_caption(trained, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing-image", "nothing", "unknown-collection", "other-encoder", "not-decoder"])
-def test_ask_bad_input_is_one_clear_error(case, trained, tmp_path, capsys):
+def test_ask_bad_input_is_one_clear_error(case, trained, evaluated, tmp_path, capsys):
     from clipdex.cli import (
         main,  # in process: the CLI's main(argv), as the subprocess runs it
     )

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from clipdex.retrieval.answer.backend import GeneratedAnswer, RetrievedItem
-from clipdex.retrieval.answer.hf import CAPTION_INSTRUCTION, HF_PREFIX, HFAnswerBackend
 from PIL import Image
 
 from clipdex.exceptions import MissingDependencyError, ModelSpecError
+from clipdex.retrieval.answer.backend import GeneratedAnswer, RetrievedItem
+from clipdex.retrieval.answer.hf import CAPTION_INSTRUCTION, HF_PREFIX, HFAnswerBackend
 
 IMAGE_SEQ_LEN = 4  # (image_size 32 / patch 8)^2 / scale_factor^2
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<end_of_utterance>", "<image>", "<fake_token_around_image>",

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from clipdex.app.inputs import InputError, check_index_folder, check_upload
 from PIL import Image
+
+from clipdex.app.inputs import InputError, check_index_folder, check_upload
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "app" / "main.py"
@@ -64,7 +65,6 @@ def test_index_folder_must_be_under_a_root_and_outside_the_database(tmp_path):
 
 def test_app_command_binds_locally_with_xsrf_and_an_upload_limit():
     from clipdex.app.settings import AppSettings
-
     from clipdex.cli import build_parser
     from clipdex.commands.app import streamlit_command
 

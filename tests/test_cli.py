@@ -1,17 +1,18 @@
-"""The real CLI in a subprocess: the JSON contracts, the shipped default, the demo, fine-tuning, errors."""
+"""The CLI: the JSON contracts, the shipped default, the demo (a real subprocess), fine-tuning, errors."""
 
 import csv
 import json
 
 import pytest
 import torch
-from conftest import run_cli
+
+from conftest import run_cli, run_cli_subprocess
 
 KEYS = {"recall@1", "recall@5", "recall@10"}
 
 
 def test_help_teaches():
-    out = run_cli("--help").stdout
+    out = run_cli_subprocess("--help").stdout  # start-up as a shell sees it
     for word in ("world", "train", "eval", "models", "demo", "index", "search", "collections", "examples:"):
         assert word in out
     assert "--time-budget" in run_cli("train", "--help").stdout
@@ -48,7 +49,7 @@ def test_oracle_command(tiny_world):
 
 @pytest.mark.slow
 def test_demo_runs_on_the_embedded_default(tmp_path):
-    out = json.loads(run_cli("demo", "--dir", str(tmp_path / "w"), "--gallery", "100", "--json").stdout)
+    out = json.loads(run_cli_subprocess("demo", "--dir", str(tmp_path / "w"), "--gallery", "100", "--json").stdout)
     assert out["recall"]["t2i"]["recall@5"] >= 0.95
     directions = [e["direction"] for e in out["examples"]]
     assert directions.count("text->image") == 3 and "image->image" in directions and "image->text" in directions
@@ -73,6 +74,7 @@ def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_pa
     in open_clip's state-dict format, as a downloaded checkpoint would be.
     """
     import open_clip
+
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.retrieval.models import checkpoint as ckpt
 
@@ -88,7 +90,7 @@ def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_pa
             w.writerow([str(p), caps[0]])
     run_cli("train", "--manifest", str(manifest), "--model", f"ViT-B-32:{start}", "--train-split", "",
             "--eval-split", "", "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--lr", "1e-5",
-            "--workers", "0", "--out", str(tmp_path / "ft"), timeout=600)
+            "--workers", "0", "--out", str(tmp_path / "ft"))
     tuned = tmp_path / "ft" / "model.safetensors"
     meta = ckpt.read_meta(tuned)
     assert meta.arch == "ViT-B-32" and meta.records["training"]["steps"] == 2
@@ -108,4 +110,5 @@ def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_pa
 def test_bad_input_gives_one_clear_line(args, says, tmp_path):
     proc = run_cli(*args, check=False, cwd=tmp_path)
     assert proc.returncode == 1
-    assert says in proc.stderr and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("clipdex: error:") and says in last and "Traceback" not in proc.stderr, proc.stderr

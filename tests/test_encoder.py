@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-from clipdex.retrieval.models import checkpoint as ckpt
-from clipdex.retrieval.models.encoder import build_model, load_encoder
-from clipdex.retrieval.models.registry import get_model_config
 from PIL import Image
 
 from clipdex.exceptions import CheckpointError
+from clipdex.retrieval.models import checkpoint as ckpt
+from clipdex.retrieval.models.encoder import build_model, load_encoder
+from clipdex.retrieval.models.registry import get_model_config
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Indexing and search end to end: the real CLI, real LanceDB and real FAISS on a tiny world."""
+"""Indexing and search end to end: the CLI (in process; a real subprocess where only one shows the
+behaviour), real LanceDB and real FAISS on a tiny world."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+
+from conftest import run_cli, run_cli_subprocess
 
 RESULT_KEYS = {"rank", "id", "path", "caption", "score"}
 
@@ -39,14 +41,6 @@ def _rows(db, collection):
         order = np.argsort(rows["id"].to_pylist())
         out[table] = ([rows["id"].to_pylist()[i] for i in order], vec[order])
     return out
-
-
-@pytest.fixture(scope="module")
-def world_db(tiny_world, tmp_path_factory):
-    """The tiny world's test split indexed (with captions) into a fresh database."""
-    db = tmp_path_factory.mktemp("db")
-    summary = _index(tiny_world, db, "--split", "test", "--collection", "world")
-    return db, summary
 
 
 def test_index_manifest_then_recall(world_db, tiny_world):
@@ -91,7 +85,7 @@ def test_search_cli_json_contract_and_image_to_text(world_db, tiny_world):
     assert out["results"][0]["caption"] in pairs.captions[0]
     img = _search(db, "--image", str(pairs.paths[5]), "--collection", "world", "-k", "3")
     assert img["results"][0]["id"] == pairs.ids[5] and img["results"][0]["score"] > 0.99  # itself first
-    table = run_cli("search", "a red circle", "--db", str(db), "--collection", "world", "-k", "2").stdout
+    table = run_cli_subprocess("search", "a red circle", "--db", str(db), "--collection", "world", "-k", "2").stdout
     assert "rank" in table and "score" in table
 
 
@@ -207,11 +201,12 @@ def test_folder_bad_files_then_add_change_delete(photo_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, tmp_path):
-    args = ["index", str(tiny_world), "--split", "test", "--collection", "k", "--batch-size", "16",
+def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, app_db, tmp_path):
+    """A real process killed mid-run (after 2 of its 4 appends), then the same command re-run (a real process
+    too): the rows equal those of an uninterrupted run of the same split (``app_db``: the corpus split indexed
+    in one go, with the default batch size)."""
+    args = ["index", str(tiny_world), "--split", "corpus", "--collection", "k", "--batch-size", "16",
             "--flush-rows", "16", "--workers", "1", "--no-faiss", "--no-progress"]
-    ref = tmp_path / "ref"
-    run_cli(*args, "--db", str(ref))
     db = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "clipdex", *args, "--db", str(db)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -230,31 +225,34 @@ def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, tmp_path):
             break
         time.sleep(0.02)
     proc.wait()
-    assert killed_at is not None and killed_at < 200, "the run finished before it could be killed"
-    run_cli(*args, "--db", str(db))
-    got, want = _rows(db, "k"), _rows(ref, "k")
+    assert killed_at is not None and killed_at < 64, "the run finished before it could be killed"
+    run_cli_subprocess(*args, "--db", str(db))
+    got, want = _rows(db, "k"), _rows(app_db, "world")
+    assert len(got["images"][0]) == 64 and len(got["captions"][0]) == 320
     for table in ("images", "captions"):
         assert got[table][0] == want[table][0]  # the same ids: nothing lost, nothing duplicated
         np.testing.assert_allclose(got[table][1], want[table][1], atol=1e-5)
 
 
-def test_two_collections_in_one_db(photo_folder, tiny_world, tmp_path):
+def test_two_collections_in_one_db(photo_folder, app_db, tmp_path):
     root, _ = photo_folder
     db = tmp_path / "db"
+    shutil.copytree(app_db, db)  # collection "world": the tiny world's corpus split, indexed once per session
     _index(root, db, "--collection", "photos")
-    _index(tiny_world, db, "--collection", "world", "--split", "corpus")
     listed = json.loads(run_cli("collections", "--db", str(db), "--json").stdout)["collections"]
-    assert {c["collection"]: c["images"] for c in listed} == {"photos": 30, "world": 64}  # 60 corpus scenes + 4 landmarks
+    # world: 60 corpus scenes + 4 landmarks
+    assert {c["collection"]: c["images"] for c in listed} == {"photos": 30, "world": 64}
     p = run_cli("index", str(root), "--db", str(db), "--collection", "bad name!", check=False)
     assert p.returncode == 1 and "bad collection name" in p.stderr
 
 
 def test_every_format_and_exif_orientation(tiny_world, tmp_path):
     """WebP, GIF (first frame), BMP, TIFF, PNG and JPEG are indexed; EXIF orientation is applied first."""
+    from PIL import Image
+
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.indexer.runner import IndexSettings, run_index
     from clipdex.retrieval.store.search import open_collection
-    from PIL import Image
 
     pairs = load_pairs(tiny_world, split="test")
     root = tmp_path / "formats"
@@ -283,6 +281,7 @@ def test_manifest_rows_sharing_a_file_and_caption_edits(tiny_world, tmp_path):
     """One file under several ids (a row per caption) stays stable; an edited caption is re-embedded."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
+
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.indexer.runner import IndexSettings, run_index
 

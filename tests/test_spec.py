@@ -1,9 +1,9 @@
 """The model-spec parser: a table of every form, and the errors that say which form was meant."""
 
 import pytest
-from clipdex.retrieval.models.spec import parse_model_spec
 
 from clipdex.exceptions import ModelSpecError
+from clipdex.retrieval.models.spec import parse_model_spec
 
 
 @pytest.mark.parametrize(

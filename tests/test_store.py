@@ -8,11 +8,11 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pytest
+
+from clipdex.exceptions import ClipdexError, StoreError
 from clipdex.retrieval.store.faiss_index import load_for
 from clipdex.retrieval.store.record import FILTER_COLUMNS, Database
 from clipdex.retrieval.store.search import SearchCollection
-
-from clipdex.exceptions import ClipdexError, StoreError
 
 DIM = 16
 N = 40  # images; image i has i % 3 captions, and comes from source "a" (even i) or "b" (odd i)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+
 from clipdex.retrieval.store.faiss_index import (
     IndexConfig,
     build_faiss,
@@ -96,6 +97,7 @@ def test_encoder_mismatch_names_both(tmp_path, info):
 
 def test_trimmed_text_encoding_equals_open_clip():
     import torch
+
     from clipdex.retrieval.models.encoder import build_model, encode_text_trimmed
 
     m = build_model("clipdex-tiny:random")
@@ -132,9 +134,8 @@ def test_orphan_captions_never_reach_the_index(tmp_path, info):
 def test_same_name_other_weights_is_refused(tmp_path, info):
     from dataclasses import replace
 
-    from clipdex.retrieval.models.encoder import load_encoder
-
     from clipdex.exceptions import ModelMismatchError
+    from clipdex.retrieval.models.encoder import load_encoder
 
     db = Database(tmp_path / "db", create=True)
     db.open_or_create("old", info=info)  # a store from before fingerprints: weights ""

@@ -28,6 +28,7 @@ from clipdex.retrieval.training.layout import (
     image_targets,
 )
 from clipdex.retrieval.training.schedule import cosine_lr
+from conftest import run_cli
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -131,15 +132,15 @@ def test_tiny_model_learns(tiny_world, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
-    """SIGKILL mid-run, re-run the same command: the final weights equal an uninterrupted run's (with the
-    layout head, whose weights live only in the resume state)."""
+    """SIGKILL a real process mid-run, re-run the same command (a real process too): the final weights equal an
+    uninterrupted run's (with the layout head, whose weights live only in the resume state). The uninterrupted
+    reference runs in this process: only the kill and the re-run need their own."""
     args = ["train", "--manifest", str(tiny_world), "--model", "clipdex-tiny:random", "--epochs", "2",
             "--layout-weight", "0.5",
             "--batch-size", "64", "--warmup-steps", "3", "--eval-split", "", "--workers", "0",
             "--save-every", "4", "--lr", "1e-3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run([sys.executable, "-m", "clipdex", *args, "--out", str(tmp_path / "whole")],
-                   check=True, capture_output=True, env=env, timeout=300)
+    run_cli(*args, "--out", str(tmp_path / "whole"))
     cut = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, "-m", "clipdex", *args, "--out", str(cut)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from clipdex.commands import world as world_cli
 from clipdex.data_manifests.schema import WORLD_SCHEMA, read_manifest, write_manifest
 from clipdex.data_manifests.world.claims import satisfies, score
 from clipdex.data_manifests.world.generate import WorldConfig, generate_world
@@ -25,9 +27,8 @@ from clipdex.data_manifests.world.scene import (
     Scene,
     SceneObject,
 )
-
-from clipdex.commands import world as world_cli
 from clipdex.exceptions import ManifestError
+from conftest import run_cli
 
 SMALL = dict(train=60, test=300, corpus=40, landmarks=5, views_per_landmark=2)
 TINY = dict(train=12, test=12, corpus=8, landmarks=2, views_per_landmark=2, image_size=64)
@@ -168,7 +169,6 @@ def test_oracle_recall_is_high(small_world):
 def test_oracle_fast_path_matches_plain_scoring(rows):
     from clipdex.data_manifests.world.claims import as_scene
     from clipdex.data_manifests.world.oracle import score_matrix
-
     from clipdex.metrics import pessimistic_ranks
 
     gallery = [r for r in rows if r["split"] in ("test", "corpus")][:120]
@@ -306,8 +306,10 @@ def test_cli_end_to_end_subprocess(tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["images"] == 5 + 5 + 4 + 2 and Path(summary["manifest"]).is_file()
     assert pq.read_table(summary["manifest"]).num_rows == summary["images"]
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 1 and "--overwrite" in again.stderr
-    ok = subprocess.run(cmd + ["--overwrite", "--seed", "1", "--no-progress"], capture_output=True, text=True,
-                        timeout=120)
+    # the rest in process (one real run is enough): main's return code is the process's exit status
+    again = run_cli(*cmd[3:], check=False)
+    assert again.returncode == 1 and "--overwrite" in again.stderr.strip().splitlines()[-1]
+    before = Path(summary["manifest"]).read_bytes()
+    ok = run_cli(*cmd[3:], "--overwrite", "--seed", "1", "--no-progress")
     assert ok.returncode == 0 and "world written to" in ok.stdout
+    assert Path(summary["manifest"]).read_bytes() != before  # another seed, written over the old world
