@@ -80,8 +80,9 @@ def run_cli(*args: str, check: bool = True, cwd: Path | None = None) -> CliResul
 
 @pytest.fixture(scope="session")
 def app_db(tiny_world, tmp_path_factory) -> Path:
-    """The tiny world's corpus split (64 images, 5 captions each) indexed into collection ``world`` of a fresh
-    database, for the app's tests; returns the database folder."""
+    """The tiny world's corpus split (64 images, 5 captions each) indexed in one run into collection ``world``
+    of a fresh database; returns the database folder. The app's pages search it; tests/test_index.py copies it
+    (two collections in one database) and compares a killed-and-resumed run's rows with it. Tests only read it."""
     from clipdex.indexer.runner import IndexSettings, run_index
 
     db = tmp_path_factory.mktemp("app") / "db"

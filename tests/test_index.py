@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -226,7 +227,9 @@ def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, app_db, tmp_path):
         time.sleep(0.02)
     proc.wait()
     assert killed_at is not None and killed_at < 64, "the run finished before it could be killed"
-    run_cli_subprocess(*args, "--db", str(db))
+    rerun = run_cli_subprocess(*args, "--db", str(db)).stdout
+    unchanged = int(re.search(r"(\d+) unchanged", rerun).group(1))
+    assert killed_at <= unchanged < 64, rerun  # what the killed run wrote is kept, not embedded again
     got, want = _rows(db, "k"), _rows(app_db, "world")
     assert len(got["images"][0]) == 64 and len(got["captions"][0]) == 320
     for table in ("images", "captions"):

@@ -134,11 +134,13 @@ def test_tiny_model_learns(tiny_world, tmp_path):
 def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     """SIGKILL a real process mid-run, re-run the same command (a real process too): the final weights equal an
     uninterrupted run's (with the layout head, whose weights live only in the resume state). The uninterrupted
-    reference runs in this process: only the kill and the re-run need their own."""
-    args = ["train", "--manifest", str(tiny_world), "--model", "clipdex-tiny:random", "--epochs", "2",
-            "--layout-weight", "0.5",
-            "--batch-size", "64", "--warmup-steps", "3", "--eval-split", "", "--workers", "0",
-            "--save-every", "4", "--lr", "1e-3"]
+    reference runs in this process: only the kill and the re-run need their own.
+
+    The 64 corpus scenes in batches of 16 make 3 epochs of 4 steps: the first resumable state (step 3) is mid-
+    epoch, so the re-run skips into an epoch and then crosses two epoch boundaries."""
+    args = ["train", "--manifest", str(tiny_world), "--train-split", "corpus", "--model", "clipdex-tiny:random",
+            "--epochs", "3", "--layout-weight", "0.5", "--batch-size", "16", "--warmup-steps", "3", "--eval-split", "",
+            "--workers", "0", "--save-every", "3", "--lr", "1e-3"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run_cli(*args, "--out", str(tmp_path / "whole"))
     cut = tmp_path / "cut"
@@ -151,8 +153,12 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (cut / "model.safetensors").exists()
-    subprocess.run([sys.executable, "-m", "clipdex", *args, "--out", str(cut)],
-                   check=True, capture_output=True, env=env, timeout=300)
+    killed_at = json.loads(torch.load(cut / "last.state.pt", weights_only=False)["state"])["step"]
+    assert 3 <= killed_at < 12, killed_at  # the re-run starts from a state written mid-run
+    again = subprocess.run([sys.executable, "-m", "clipdex", "-v", *args, "--out", str(cut)],
+                           check=True, capture_output=True, text=True, env=env, timeout=300)
+    assert f"resuming {cut} at step {killed_at}" in again.stderr  # resumed, not started over (same weights too)
+    assert ckpt.read_meta(cut / "model.safetensors").records["training"]["steps"] == 12
     a = ckpt.load_state_dict(tmp_path / "whole" / "model.safetensors")
     b = ckpt.load_state_dict(cut / "model.safetensors")
     assert a.keys() == b.keys()
