@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 
 from clipdex.commands.argtypes import SPEC_HELP
-from clipdex.data_manifests.pairs import load_pairs
-from clipdex.retrieval.evaluation.recall import format_table
 from clipdex.retrieval.models.registry import DEFAULT_MODEL
 
 DEMO_SEED = 20261124  # not the seed the default was trained on: every demo scene is new to the model
@@ -101,6 +99,7 @@ def search_examples(search, *, pairs, k: int) -> list[dict]:
 def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str, gallery: int = 1000,
              as_json: bool = False, k: int = 3) -> int:
     """Run the demo and print what it finds (a report, or JSON with ``as_json``); returns the exit code."""
+    from clipdex.data_manifests.pairs import load_pairs
     from clipdex.indexer.runner import IndexSettings, run_index
     from clipdex.retrieval.evaluation.collection import evaluate_collection
     from clipdex.retrieval.store.record import Database
@@ -146,6 +145,8 @@ def print_report(out: dict) -> None:
     if asked:
         _print_answers(asked)
     print("measured on the whole collection (every caption queries every image, and back):")
+    from clipdex.retrieval.evaluation.recall import format_table  # imports torch: not at `clipdex --help`
+
     print(format_table(out["recall"]))
     print(f"\n({out['seconds']:.0f} s)   next: clipdex search \"a red circle left of a star\" --db {db} "
           f"--collection {DEMO_COLLECTION}")
