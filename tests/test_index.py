@@ -203,8 +203,8 @@ def test_folder_bad_files_then_add_change_delete(photo_folder, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, app_db, tmp_path):
-    """A real process killed mid-run (after 2 of its 4 appends), then the same command re-run (a real process
-    too): the rows equal those of an uninterrupted run of the same split (``app_db``: the corpus split indexed
+    """A real process killed mid-run (after 2 of its 4 appends), then the same command re-run (in this process:
+    only the kill needs its own): the rows equal those of an uninterrupted run of the same split (``app_db``: the corpus split indexed
     in one go, with the default batch size)."""
     args = ["index", str(tiny_world), "--split", "corpus", "--collection", "k", "--batch-size", "16",
             "--flush-rows", "16", "--workers", "1", "--no-faiss", "--no-progress"]
@@ -227,7 +227,7 @@ def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, app_db, tmp_path):
         time.sleep(0.02)
     proc.wait()
     assert killed_at is not None and killed_at < 64, "the run finished before it could be killed"
-    rerun = run_cli_subprocess(*args, "--db", str(db)).stdout
+    rerun = run_cli(*args, "--db", str(db)).stdout
     unchanged = int(re.search(r"(\d+) unchanged", rerun).group(1))
     assert killed_at <= unchanged < 64, rerun  # what the killed run wrote is kept, not embedded again
     got, want = _rows(db, "k"), _rows(app_db, "world")

@@ -1,6 +1,7 @@
 """Training: a tiny model on a tiny world measurably learns, checkpoints carry their record, resume is exact."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -131,10 +132,10 @@ def test_tiny_model_learns(tiny_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
-    """SIGKILL a real process mid-run, re-run the same command (a real process too): the final weights equal an
-    uninterrupted run's (with the layout head, whose weights live only in the resume state). The uninterrupted
-    reference runs in this process: only the kill and the re-run need their own.
+def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path, caplog):
+    """SIGKILL a real process mid-run, re-run the same command: the final weights equal an uninterrupted run's
+    (with the layout head, whose weights live only in the resume state). The uninterrupted reference and the
+    re-run run in this process: only the kill needs its own.
 
     The 64 corpus scenes in batches of 16 make 3 epochs of 4 steps: the first resumable state (step 3) is mid-
     epoch, so the re-run skips into an epoch and then crosses two epoch boundaries."""
@@ -155,9 +156,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path):
     assert not (cut / "model.safetensors").exists()
     killed_at = json.loads(torch.load(cut / "last.state.pt", weights_only=False)["state"])["step"]
     assert 3 <= killed_at < 12, killed_at  # the re-run starts from a state written mid-run
-    again = subprocess.run([sys.executable, "-m", "clipdex", "-v", *args, "--out", str(cut)],
-                           check=True, capture_output=True, text=True, env=env, timeout=300)
-    assert f"resuming {cut} at step {killed_at}" in again.stderr  # resumed, not started over (same weights too)
+    with caplog.at_level(logging.INFO, logger="clipdex.retrieval.training"):
+        run_cli(*args, "--out", str(cut))
+    assert f"resuming {cut} at step {killed_at}" in caplog.text  # resumed, not started over (same weights too)
     assert ckpt.read_meta(cut / "model.safetensors").records["training"]["steps"] == 12
     a = ckpt.load_state_dict(tmp_path / "whole" / "model.safetensors")
     b = ckpt.load_state_dict(cut / "model.safetensors")
