@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clipdex.commands import (
         app,
         ask,
+        check,
         demo,
         eval,
         index,
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging: -v for info, -vv for debug (default: warnings only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (world, index, models, train, eval, search, demo, ask, app):
+    for command in (world, index, models, train, eval, search, check, demo, ask, app):
         command.register(sub)
     return parser
 

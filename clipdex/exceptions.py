@@ -27,3 +27,7 @@ class StoreError(ClipdexError):
 
 class ModelMismatchError(StoreError):
     """A query or an append used another encoder than the one that filled the collection."""
+
+
+class CorruptStoreError(StoreError):
+    """Stored data cannot be read or is impossible (a vector that is not unit-norm, a checksum that differs)."""

@@ -6,10 +6,10 @@ error with its reason instead of a tensor; the batch goes on without it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import multiprocessing as mp_context
+import os
 import sys
 import time
 from collections import deque
@@ -18,22 +18,12 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
+from clipdex.files import content_hash
 from clipdex.indexer.reader import SourceItem
 from clipdex.retrieval.models.images import DEFAULT_MAX_PIXELS, decode_image
 
 logger = logging.getLogger(__name__)
 
-
-
-def content_hash(data: bytes) -> str:
-    """blake2b-128 of a file's bytes, as hex."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def hash_file(path: str) -> str:
-    """The content hash of the file at ``path``."""
-    with open(path, "rb") as f:
-        return content_hash(f.read())
 
 
 class DecodeItems(torch.utils.data.Dataset):
@@ -89,7 +79,24 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies (the indexer, or the forkserver, which exits with
+    the indexer): a killed indexer leaves no decoder behind. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.debug("prctl(PR_SET_PDEATHSIG) unavailable: workers may outlive a killed indexer")
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os._exit(1)
+
+
 def _init_worker() -> None:
+    _die_with_parent()
     torch.set_num_threads(1)  # decoding workers should not fight the encoder for cores
     import open_clip  # noqa: F401 - the transforms unpickle from it: import it while the parent loads the model
 

@@ -1,4 +1,9 @@
-"""Read stage: walk a folder or a manifest and list what there is to index (no decoding here)."""
+"""Read stage: walk a folder or a manifest and list what there is to index (no decoding here).
+
+A folder's file is an image if its extension says so (``IMAGE_SUFFIXES``) or, failing that, if its first
+``SNIFF_BYTES`` bytes carry an image format's magic number (a PNG saved as ``.dat``, a JPEG with no extension);
+every other file is listed as ignored, with its reason, and counted by extension.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipdex.exceptions import ManifestError
+from clipdex.retrieval.models.images import IMAGE_SUFFIXES, SNIFF_BYTES, sniff_image
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 MANIFEST_SUFFIXES = frozenset({".parquet", ".csv", ".jsonl", ".ndjson", ".json"})
 
 
@@ -30,8 +35,16 @@ class SourceListing:
 
     source: str  # recorded with every row: deletions only touch rows of the same source
     items: list[SourceItem]
-    ignored: int = 0  # files that are not images (by suffix)
+    ignored: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): not images, by type
     missing: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): listed but not indexable
+
+    def ignored_by_extension(self) -> dict[str, int]:
+        """How many files were ignored per extension (lower case, ``"(none)"`` for names without one)."""
+        counts: dict[str, int] = {}
+        for path, _ in self.ignored:
+            ext = Path(path).suffix.lower() or "(none)"
+            counts[ext] = counts.get(ext, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 def _stat(path: str) -> tuple[int, float] | None:
@@ -45,6 +58,25 @@ def _stat(path: str) -> tuple[int, float] | None:
     return st.st_size, st.st_mtime
 
 
+def _printable(path: str) -> str:
+    """``path`` as valid UTF-8 (undecodable bytes of a file name replaced), for reports."""
+    return path.encode("utf-8", "replace").decode()
+
+
+def _not_an_image(path: str, st: tuple[int, float] | None) -> str | None:
+    """Why a file whose extension is not an image's is not indexed, or None if its first bytes are an image's."""
+    if st is None:
+        return "not a regular file (or gone)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        return f"not an image type, and cannot be read to check its content ({e.strerror or e})"
+    if sniff_image(head) is None:
+        return "not an image type (by extension, and its first bytes match no image format)"
+    return None
+
+
 def _bad_name(path: str) -> str | None:
     try:
         path.encode("utf-8")
@@ -54,23 +86,26 @@ def _bad_name(path: str) -> str | None:
 
 
 def read_folder(root: str | Path) -> SourceListing:
-    """Every image file under ``root`` (recursively, sorted); a file's id is its absolute path, so folders
-    indexed into one collection never clash."""
+    """Every image file under ``root`` (recursively, sorted), by extension or else by content; a file's id is
+    its absolute path, so folders indexed into one collection never clash. Hidden files and folders are
+    passed over; other files that are not images are listed in ``ignored`` with the reason."""
     root = Path(root).resolve()
-    items, ignored, skipped = [], 0, []
+    items, ignored, skipped = [], [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
             path = os.path.join(dirpath, name)
+            st = _stat(path)
             if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                ignored += 1
-                continue
+                why = _not_an_image(path, st)
+                if why:
+                    ignored.append((_printable(path), why))
+                    continue
             bad = _bad_name(path)
-            st = None if bad else _stat(path)
             if bad or st is None:
-                skipped.append((path.encode("utf-8", "replace").decode(), bad or "not a regular file (or gone)"))
+                skipped.append((_printable(path), bad or "not a regular file (or gone)"))
                 continue
             items.append(SourceItem(id=path, path=path, size=st[0], mtime=st[1]))
     return SourceListing(source=str(root), items=items, ignored=ignored, missing=skipped)

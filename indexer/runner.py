@@ -18,13 +18,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clipdex.exceptions import StoreError
-from clipdex.files import atomic_write
-from clipdex.indexer.decode import DecodePool, hash_file
+from clipdex.files import atomic_write, hash_file, remove_stale_temp_files
+from clipdex.indexer.decode import DecodePool
 from clipdex.indexer.embed import Embedder
 from clipdex.indexer.reader import SourceItem, SourceListing, read_source
 from clipdex.indexer.writer import StoreWriter
 from clipdex.retrieval.models.images import DEFAULT_MAX_PIXELS
 from clipdex.retrieval.store.faiss_index import IndexConfig, load_for
+from clipdex.retrieval.store.integrity import record_checksums
+from clipdex.retrieval.store.lock import writer_lock
 from clipdex.retrieval.store.record import (
     DEFAULT_COLLECTION,
     DEFAULT_DB,
@@ -43,7 +45,11 @@ class IndexSettings:
     source: a folder (walked recursively) or a manifest (.parquet/.csv/.jsonl with a path column).
     split: only the manifest rows of this split.
     batch_size: images per encoder batch. workers: decoding processes (None: cores - 1).
-    flush_rows: images per LanceDB append (large appends, few fragments).
+    flush_rows: images per LanceDB commit (large appends, few fragments); flush_seconds: commit at least this
+        often too, so a failure late in a long run loses at most this much work.
+    lock_wait: seconds to wait for another writer of the collection to finish (0: refuse at once).
+    keep_versions_seconds: old LanceDB versions younger than this are kept after the run (a reader that opened
+        one may still be reading it); older ones, and the data files only they use, are deleted.
     rehash: hash every file, not only those whose size or mtime changed.
     max_pixels: larger images are skipped as decompression bombs.
     decode_timeout: a batch slower than this per file is retried file by file; a file that hangs is skipped.
@@ -59,6 +65,9 @@ class IndexSettings:
     device: str = "auto"
     precision: str = "auto"
     flush_rows: int = 4096
+    flush_seconds: float = 30.0
+    lock_wait: float = 0.0
+    keep_versions_seconds: float = 60.0
     rehash: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_timeout: float = 10.0  # seconds per file a batch may take before its files are retried one by one
@@ -156,6 +165,7 @@ class _Prepared:
     collection: Collection
     plan: Plan
     orphans: int  # captions of a killed run dropped by reconcile
+    duplicates: dict[str, int]  # rows of duplicated ids removed, by table
 
 
 @dataclass
@@ -173,18 +183,34 @@ class _Loop:
 def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float,
          on_progress: ProgressHook | None, encoder) -> dict:
     times: dict[str, float] = {}
-    prep = _prepare(settings, encoder=encoder, times=times)
-    loop = _index_loop(settings, prep, pool, progress=progress, on_progress=on_progress)
-    return _finish(settings, prep, loop, workers=pool.workers, times=times, t_start=t_start)
+    listing = _read(settings, times=times)
+    db = Database(settings.db, create=True)
+    with writer_lock(db.path, settings.collection, wait=settings.lock_wait):
+        removed = remove_stale_temp_files(db.path / "_faiss")
+        if removed:
+            logger.warning("removed %d temporary files a killed run left in %s", len(removed), db.path / "_faiss")
+        prep = _prepare(settings, listing, db, encoder=encoder, times=times)
+        loop = _index_loop(settings, prep, pool, progress=progress, on_progress=on_progress)
+        return _finish(settings, prep, loop, workers=pool.workers, times=times, t_start=t_start)
 
 
-def _prepare(settings: IndexSettings, *, encoder, times: dict[str, float]) -> _Prepared:
-    """Read the source, load the encoder, open the collection and plan the run (deletes and touches done)."""
-    from clipdex.retrieval.models.encoder import load_encoder
-
+def _read(settings: IndexSettings, *, times: dict[str, float]) -> SourceListing:
+    """List the source; a source with no image at all is refused before anything is created."""
     t0 = time.perf_counter()
     listing = read_source(settings.source, split=settings.split)
     times["read"] = time.perf_counter() - t0
+    if not listing.items:
+        why = (f"none of its {len(listing.missing)} files exist (e.g. {listing.missing[0][0]})" if listing.missing
+               else "it holds no image files")
+        raise StoreError(f"nothing to index in {settings.source}: {why}. Nothing was created or changed")
+    return listing
+
+
+def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, encoder,
+             times: dict[str, float]) -> _Prepared:
+    """Load the encoder, open the collection, repair what a killed or concurrent run left, and plan the run
+    (deletes and touches done)."""
+    from clipdex.retrieval.models.encoder import load_encoder
 
     t0 = time.perf_counter()
     if encoder is None:
@@ -192,15 +218,19 @@ def _prepare(settings: IndexSettings, *, encoder, times: dict[str, float]) -> _P
     times["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    db = Database(settings.db, create=True)
     collection = db.open_or_create(settings.collection, info=encoder.info)
+    duplicates = collection.remove_duplicates()
+    if duplicates["images"] or duplicates["captions"]:
+        logger.warning("collection %s held %d duplicate image rows and %d duplicate caption rows (from runs of an "
+                       "older clipdex writing at once); removed them", settings.collection, duplicates["images"],
+                       duplicates["captions"])
     orphans = collection.reconcile()
     plan = plan_run(collection, listing, rehash=settings.rehash)
     if plan.remove:
         collection.delete_images(plan.remove)
     collection.touch(plan.touched)
     times["plan"] = time.perf_counter() - t0
-    return _Prepared(listing, encoder, db, collection, plan, orphans)
+    return _Prepared(listing, encoder, db, collection, plan, orphans, duplicates)
 
 
 def _index_loop(settings: IndexSettings, prep: _Prepared, pool: DecodePool, *, progress: bool,
@@ -214,7 +244,8 @@ def _index_loop(settings: IndexSettings, prep: _Prepared, pool: DecodePool, *, p
     if on_progress:
         on_progress(handled, total)
     embedder = Embedder(encoder)
-    writer = StoreWriter(prep.collection, source=listing.source, flush_rows=settings.flush_rows, replace=plan.replace)
+    writer = StoreWriter(prep.collection, source=listing.source, flush_rows=settings.flush_rows,
+                         flush_seconds=settings.flush_seconds, replace=plan.replace)
     failures = [{"path": p, "reason": r} for p, r in listing.missing]
     decode_cpu = wait = 0.0
     t_loop = time.perf_counter()
@@ -258,8 +289,8 @@ def _finish(settings: IndexSettings, prep: _Prepared, loop: _Loop, *, workers: i
     """Compact, build the FAISS indexes, and write and return the run's summary."""
     listing, plan, collection, writer = prep.listing, prep.plan, prep.collection, loop.writer
     t0 = time.perf_counter()
-    if writer.written or plan.remove or plan.touched:
-        collection.compact()
+    collection.compact(keep_versions_seconds=settings.keep_versions_seconds)  # old versions go even if nothing changed
+    record_checksums(collection)
     times["compact"] = time.perf_counter() - t0
     indexes = {}
     t0 = time.perf_counter()
@@ -274,15 +305,20 @@ def _finish(settings: IndexSettings, prep: _Prepared, loop: _Loop, *, workers: i
         "model": prep.encoder.info.spec, "device": str(prep.encoder.device), "workers": workers,
         "counts": {"seen": len(listing.items) + len(listing.missing), "new": plan.new, "changed": plan.changed,
                    "unchanged": plan.unchanged, "removed": plan.removed, "indexed": writer.written,
-                   "failed": len(loop.failures), "ignored_non_images": listing.ignored,
+                   "failed": len(loop.failures), "ignored_non_images": len(listing.ignored),
+                   "ignored_by_extension": listing.ignored_by_extension(),
                    "orphan_captions_dropped": prep.orphans, "images_in_collection": collection.count(),
                    "captions_in_collection": collection.caption_count()},
         "images_per_s": (writer.written / loop.seconds) if loop.seconds > 0 and writer.written else None,
         "seconds": {k: round(v, 3) for k, v in times.items()},
         "failures": loop.failures,
+        "ignored": [{"path": p, "reason": r} for p, r in listing.ignored],  # not images by type: never decoded
         "faiss": indexes,
         "settings": {k: v for k, v in asdict(settings).items() if k != "index"},
     }
+    summary["repaired"] = {"duplicate_image_rows": prep.duplicates["images"],
+                           "duplicate_caption_rows": prep.duplicates["captions"]}
+    summary["disk"] = collection.disk_usage()
     _write_report(prep.db.path, settings.collection, summary)
     return summary
 

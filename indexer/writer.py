@@ -1,4 +1,5 @@
-"""Write stage: buffer embedded rows and append them to the collection in large batches."""
+"""Write stage: buffer embedded rows and commit them to the collection in large batches, and at least every
+``flush_seconds``, so that a failure late in a long run keeps all but the last batch's work."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from clipdex.exceptions import StoreError
 from clipdex.indexer.reader import SourceItem
 from clipdex.retrieval.store.record import Collection
 
@@ -17,14 +19,18 @@ def _vectors(rows: list[np.ndarray], dim: int) -> pa.FixedSizeListArray:
 
 
 class StoreWriter:
-    """Collects image rows (and their caption rows) and appends them every ``flush_rows`` images."""
+    """Collects image rows (and their caption rows) and commits them every ``flush_rows`` images or
+    ``flush_seconds`` seconds, whichever comes first."""
 
-    def __init__(self, collection: Collection, *, source: str, flush_rows: int = 4096,
+    def __init__(self, collection: Collection, *, source: str, flush_rows: int = 4096, flush_seconds: float = 30.0,
                  replace: set[str] | None = None):
         self.collection = collection
         self.replace = replace or set()  # ids whose old rows are swapped out when their new rows are written
         self.source = source
         self.flush_rows = flush_rows
+        self.flush_seconds = flush_seconds
+        self.commits = 0
+        self._last_commit = time.monotonic()
         self.dim = collection.encoder_info().embed_dim
         self.seconds = 0.0
         self.written = 0
@@ -44,7 +50,7 @@ class StoreWriter:
             self._cap.append({"id": f"{item.id}#{k}", "image_id": item.id, "text": text})
         if len(item.captions):
             self._cap_vec.append(caption_vectors)
-        if len(self._img) >= self.flush_rows:
+        if len(self._img) >= self.flush_rows or time.monotonic() - self._last_commit >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -56,7 +62,15 @@ class StoreWriter:
         captions = None
         if self._cap:
             captions = pa.Table.from_pylist(self._cap).append_column("vector", _vectors(self._cap_vec, self.dim))
-        self.collection.replace([r["id"] for r in self._img if r["id"] in self.replace], images, captions)
+        try:
+            self.collection.replace([r["id"] for r in self._img if r["id"] in self.replace], images, captions)
+        except StoreError as e:
+            raise StoreError(
+                f"{e}. This run committed {self.written} images before the failure, in {self.commits} commits: they "
+                f"are kept. The {len(self._img)} images of the batch being written were not; free some space and run "
+                "the same command again to index them") from e
         self.written += len(self._img)
+        self.commits += 1
+        self._last_commit = time.monotonic()
         self._img, self._img_vec, self._cap, self._cap_vec = [], [], [], []
         self.seconds += time.perf_counter() - t0

@@ -201,11 +201,37 @@ def test_folder_bad_files_then_add_change_delete(photo_folder, tmp_path):
     assert _index(root, db)["counts"]["indexed"] == 0
 
 
+def _descendants(pid: int) -> list[int]:
+    """Pids of every process below ``pid`` (from /proc)."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            parents[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        out += kids
+        todo += kids
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, app_db, tmp_path):
     """A real process killed mid-run (after 2 of its 4 appends), then the same command re-run (in this process:
-    only the kill needs its own): the rows equal those of an uninterrupted run of the same split (``app_db``: the corpus split indexed
-    in one go, with the default batch size)."""
+    only the kill needs its own): the rows equal those of an uninterrupted run of the same split (``app_db``: the
+    corpus split indexed in one go, with the default batch size). Its decoding worker is gone within a second."""
     args = ["index", str(tiny_world), "--split", "corpus", "--collection", "k", "--batch-size", "16",
             "--flush-rows", "16", "--workers", "1", "--no-faiss", "--no-progress"]
     db = tmp_path / "killed"
@@ -221,12 +247,18 @@ def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, app_db, tmp_path):
         except Exception:  # noqa: BLE001 - the table may not exist yet
             n = 0
         if n >= 32:
+            workers = _descendants(proc.pid)
             proc.send_signal(signal.SIGKILL)
             killed_at = n
             break
         time.sleep(0.02)
     proc.wait()
     assert killed_at is not None and killed_at < 64, "the run finished before it could be killed"
+    assert workers, "the indexer had no worker processes to check"
+    t0 = time.time()
+    while any(_alive(w) for w in workers) and time.time() - t0 < 1:
+        time.sleep(0.02)
+    assert not [w for w in workers if _alive(w)], "decoding workers outlived the killed indexer"
     rerun = run_cli(*args, "--db", str(db)).stdout
     unchanged = int(re.search(r"(\d+) unchanged", rerun).group(1))
     assert killed_at <= unchanged < 64, rerun  # what the killed run wrote is kept, not embedded again

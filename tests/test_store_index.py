@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 
 from clipdex.retrieval.store.faiss_index import (
     IndexConfig,
@@ -143,7 +144,12 @@ def test_same_name_other_weights_is_refused(tmp_path, info):
     db.open_or_create("c", info=replace(info, weights="abc"))
     with pytest.raises(ModelMismatchError, match="other weights"):
         db.open_or_create("c", info=replace(info, weights="def"))
+    from clipdex.retrieval.models.encoder import DualEncoder, build_model
+
     a = load_encoder("clipdex-tiny:random").info
     b = load_encoder("clipdex-tiny:random").info
-    assert a.spec == b.spec and a.weights != b.weights  # two random inits: same name, different models
+    assert a == b  # ARCH:random loads the same weights every time: a collection indexed with it can be searched
+    torch.manual_seed(1)
+    c = DualEncoder(build_model("clipdex-tiny:random"), device="cpu").info  # a trainer's init: its own seed
+    assert c.spec == a.spec and c.weights != a.weights
     assert load_encoder("clipdex-world").info.weights == load_encoder("clipdex-world", device="cpu").info.weights

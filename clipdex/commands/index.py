@@ -20,7 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``index`` to the ``clipdex`` parser."""
     p = sub.add_parser(
         "index", help="index a folder or a manifest of images (incremental, resumable)",
-        description="Embed every image of a folder (walked recursively: JPEG, PNG, WebP, GIF, BMP, TIFF) or of "
+        description="Embed every image of a folder (walked recursively: JPEG, MPO, PNG, WebP, GIF, BMP, TIFF, "
+        "HEIC/HEIF, AVIF, JPEG 2000, ICO, PBM/PGM/PPM, TGA; a file under another or no extension is indexed if its "
+        "first bytes are an image's, any other file is counted by extension and listed in the run's report) or of "
         "a manifest (Parquet/CSV/JSONL with a path column and optional caption/captions columns) into a "
         "collection: LanceDB tables of images and captions, plus FAISS indexes beside them.\n\n"
         "Re-running adds only new or changed files and drops deleted ones; a run that was killed picks up "
@@ -47,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--exact-threshold", type=int_at_least(0), default=50_000, metavar="N",
                    help="exact FAISS search up to this many vectors, an IVF index above")
     g.add_argument("--no-faiss", action="store_true", help="skip building FAISS indexes (search builds them)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="if another run is writing this collection, wait up to this long for it (default: refuse "
+                   "at once, naming it)")
     p.add_argument("--rehash", action="store_true", help="hash every file, not only those whose size/mtime changed")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON (no progress bar)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,6 +65,7 @@ def _index(args) -> int:
     settings = IndexSettings(source=args.source, db=args.db, collection=args.collection, model=args.model,
                              split=args.split, batch_size=args.batch_size, workers=args.workers, device=args.device,
                              precision=args.precision, rehash=args.rehash, flush_rows=args.flush_rows, build_index=not args.no_faiss,
+                             lock_wait=args.wait,
                              index=IndexConfig(exact_threshold=args.exact_threshold))
     summary = run_index(settings, progress=not (args.json or args.no_progress))
     if args.json:
@@ -68,8 +74,10 @@ def _index(args) -> int:
     c, s = summary["counts"], summary["seconds"]
     print(f"{summary['collection']}: {c['images_in_collection']} images, {c['captions_in_collection']} captions "
           f"in {summary['db']} (model {summary['model']}, {summary['device']})")
+    by_ext = ", ".join(f"{ext}: {n}" for ext, n in c["ignored_by_extension"].items())
     print(f"this run: {c['indexed']} indexed ({c['new']} new, {c['changed']} changed), {c['unchanged']} unchanged, "
-          f"{c['removed']} removed, {c['failed']} failed, {c['ignored_non_images']} non-image files ignored")
+          f"{c['removed']} removed, {c['failed']} failed, {c['ignored_non_images']} non-image files ignored"
+          + (f" ({by_ext})" if by_ext else ""))
     if summary["images_per_s"]:
         print(f"speed: {summary['images_per_s']:.0f} images/s; stage seconds: decode wait {s['decode_wait']:.1f}, "
               f"embed {s['embed']:.1f}, write {s['write']:.1f}, faiss {s['faiss']:.1f}; total {s['total']:.1f}")

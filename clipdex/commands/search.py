@@ -52,7 +52,8 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
 
 def _add_collections(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("collections", help="list the collections of a database",
-                       description="List the collections of a database folder with their sizes and encoders.")
+                       description="List the collections of a database folder with their sizes (rows, and bytes on disk "
+                       "with the LanceDB versions kept) and encoders.")
     p.add_argument("--db", default=DEFAULT_DB, metavar="DIR", help="database folder")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_collections)
@@ -94,12 +95,19 @@ def _collections(args) -> int:
     for name in db.collections():
         col = db.open(name)
         info = col.encoder_info()
+        disk = col.disk_usage()
         rows.append({"collection": name, "images": col.count(), "captions": col.caption_count(),
-                     "model": info.spec, "embed_dim": info.embed_dim})
+                     "model": info.spec, "embed_dim": info.embed_dim, "disk_bytes": disk["bytes"],
+                     "versions": {t: disk[t]["versions"] for t in ("images", "captions")}})
     if args.json:
         print(json.dumps({"db": str(db.path), "collections": rows}))
         return 0
-    print(f"{'collection':<24}{'images':>10}{'captions':>10}  model")
+    print(f"{'collection':<24}{'images':>10}{'captions':>10}{'on disk':>11}  model")
     for r in rows:
-        print(f"{r['collection']:<24}{r['images']:>10}{r['captions']:>10}  {r['model']} ({r['embed_dim']}-d)")
+        print(f"{r['collection']:<24}{r['images']:>10}{r['captions']:>10}{_megabytes(r['disk_bytes']):>11}  "
+              f"{r['model']} ({r['embed_dim']}-d)")
     return 0
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"

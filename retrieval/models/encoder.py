@@ -78,8 +78,14 @@ class _QuietRandomInit(logging.Filter):
         return "initialized randomly" not in record.getMessage()
 
 
-def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> LoadedModel:
-    """Build the model a spec names, with its train/eval transforms and tokenizer, on the CPU in fp32."""
+RANDOM_INIT_SEED = 0  # what ARCH:random draws for search and indexing: the same weights on every load
+
+
+def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None, seed: int | None = None) -> LoadedModel:
+    """Build the model a spec names, with its train/eval transforms and tokenizer, on the CPU in fp32.
+
+    ``seed``: for ``ARCH:random``, draw the weights from this seed (without touching the global random
+    state) so that every load gives the same model; None draws from the global state (a trainer seeds it)."""
     import open_clip
 
     ensure_registered()
@@ -100,7 +106,10 @@ def build_model(spec: str | ModelSpec, *, aug_cfg: dict | None = None) -> Loaded
             ckpt.load_into(model, path)
         elif spec.kind in ("random", "arch_file"):
             arch = spec.arch
-            model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
+            with torch.random.fork_rng(devices=[], enabled=seed is not None):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model, pre_train, pre = open_clip.create_model_and_transforms(arch, **kwargs)
             if spec.kind == "arch_file":
                 ckpt.load_into(model, spec.path)
         elif spec.kind == "pretrained":
@@ -245,5 +254,7 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
 
 
 def load_encoder(spec: str | ModelSpec = "clipdex-world", *, device: str = "auto", precision: str = "auto") -> DualEncoder:
-    """Load the model a spec names (see :mod:`clipdex.retrieval.models.spec`) ready for inference."""
-    return DualEncoder(build_model(spec), device=device, precision=precision)
+    """Load the model a spec names (see :mod:`clipdex.retrieval.models.spec`) ready for inference. An
+    ``ARCH:random`` spec gives the same weights on every load (seed :data:`RANDOM_INIT_SEED`), so a collection
+    indexed with it can be searched with it."""
+    return DualEncoder(build_model(spec, seed=RANDOM_INIT_SEED), device=device, precision=precision)

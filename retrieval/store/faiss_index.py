@@ -3,7 +3,9 @@
 Files, in ``<db>/_faiss/``: ``<collection>__<table>.faiss`` (the index), ``.ids.parquet`` (the row each
 FAISS position stands for: id, and path or text) and ``.json`` (a sidecar: which LanceDB table version
 and how many rows the index covers, which factory string built it, its measured recall@10 against exact
-search). An index whose sidecar does not match the table's current version is stale and rebuilt.
+search, and the blake2b of the two other files). An index whose sidecar does not match the table's current
+version is stale and rebuilt; one whose files do not match their checksums is damaged, and rebuilt from
+LanceDB with a warning. On a read-only database the rebuilt index is kept in memory only.
 
 Exact search (``Flat``, inner product on L2-normalised vectors = cosine) below
 ``IndexConfig.exact_threshold`` vectors; above it an inverted-file index. FAISS runs the index on the GPU
@@ -24,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipdex.exceptions import StoreError
-from clipdex.files import atomic_write
+from clipdex.files import atomic_write, content_hash, hash_file
 
 logger = logging.getLogger(__name__)
 
@@ -185,22 +187,91 @@ def build_for(collection, table: str, *, config: IndexConfig = IndexConfig()) ->
                "factory": factory, "nprobe": config.nprobe if factory != "Flat" else None,
                "recall_at_10_vs_exact": recall, "build_seconds": round(time.perf_counter() - t0, 3),
                "config": asdict(config)}
-    paths = _paths(collection.database.path, collection.name, table)
-    paths["index"].parent.mkdir(exist_ok=True)
-    try:
-        atomic_write(paths["rows"], lambda p: pq.write_table(rows, p))
-        atomic_write(paths["index"], lambda p: faiss.write_index(index, str(p)))
-        atomic_write(paths["sidecar"], lambda p: p.write_text(json.dumps(sidecar, indent=1)))
-    except OSError as e:
-        raise StoreError(f"could not write the FAISS index to {paths['index'].parent}: {e}") from e
+    _save(collection, table, index, rows, sidecar)
     logger.info("built %s index of %s (%d vectors, recall@10 vs exact %.3f) in %.1f s", factory,
                 sidecar["table"], len(vectors), recall, sidecar["build_seconds"])
     return LoadedIndex(to_gpu(index, use_gpu=config.use_gpu), rows, sidecar)
 
 
+_UNSAVED: set[str] = set()  # folders already reported as unwritable (said once per process)
+
+
+def _save(collection, table: str, index, rows: pa.Table, sidecar: dict) -> None:
+    """Persist an index, its rows and its sidecar (with both files' checksums, the sidecar last). A folder
+    that cannot be written (a read-only database) is said once; the index then lives in memory."""
+    import faiss
+
+    paths = _paths(collection.database.path, collection.name, table)
+    try:
+        atomic_write(paths["rows"], lambda p: pq.write_table(rows, p))
+        atomic_write(paths["index"], lambda p: faiss.write_index(index, str(p)))
+        sidecar["checksums"] = {"index": hash_file(paths["index"]), "rows": hash_file(paths["rows"])}
+        atomic_write(paths["sidecar"], lambda p: p.write_text(json.dumps(sidecar, indent=1)))
+    except OSError as e:
+        folder = str(paths["index"].parent)
+        if folder not in _UNSAVED:
+            _UNSAVED.add(folder)
+            logger.warning("cannot save FAISS indexes in %s (%s): searching with indexes built in memory for this "
+                           "process (index into a writable --db to keep them)", folder, e.strerror or e)
+
+
+def _read_checked(path: Path, want: str | None, what: str) -> bytes:
+    """The bytes of ``path``; a CorruptStoreError naming it if they differ from the checksum ``want``."""
+    from clipdex.exceptions import CorruptStoreError
+
+    data = path.read_bytes()
+    if want is not None and content_hash(data) != want:
+        raise CorruptStoreError(f"{path}: the {what} differs from its checksum (damaged)")
+    return data
+
+
+def _read_files(paths: dict[str, Path], sidecar: dict):
+    """(index, rows) read from disk, each file checked against the sidecar's checksums; a StoreError
+    naming the file that is missing, damaged or unreadable."""
+    import faiss
+
+    sums = sidecar.get("checksums") or {}
+    data = _read_checked(paths["index"], sums.get("index"), "FAISS index")
+    try:
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:
+        raise StoreError(f"{paths['index']}: not a readable FAISS index ({str(e).splitlines()[0]})") from e
+    data = _read_checked(paths["rows"], sums.get("rows"), "FAISS row ids file")
+    try:
+        rows = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as e:
+        raise StoreError(f"{paths['rows']}: not a readable ids file ({e})") from e
+    if not (index.ntotal == rows.num_rows == sidecar["rows"]):  # files from two different builds
+        raise StoreError(f"{paths['index']} ({index.ntotal} vectors) and {paths['rows'].name} ({rows.num_rows} rows) "
+                         f"do not match their sidecar ({sidecar['rows']} rows)")
+    return index, rows
+
+
+def check_index_files(collection, table: str) -> tuple[str | None, str | None]:
+    """For ``clipdex check``: (a problem, a note) about the persisted FAISS index of ``table``; a missing or
+    stale index is only a note (search rebuilds it)."""
+    paths = _paths(collection.database.path, collection.name, table)
+    try:
+        sidecar = json.loads(paths["sidecar"].read_text())
+    except OSError:
+        return None, f"no FAISS index of {collection.name}/{table} saved (search builds it)"
+    except ValueError as e:
+        return f"{paths['sidecar']}: not valid JSON ({e})", None
+    if not sidecar.get("checksums"):
+        return None, f"{paths['sidecar']}: no checksums (built by an older clipdex; the next run rebuilds it)"
+    try:
+        _read_files(paths, sidecar)
+    except OSError as e:
+        return f"{e.filename or paths['index']}: cannot be read ({e.strerror or e})", None
+    except StoreError as e:
+        return str(e), None
+    if not is_fresh(collection, table, sidecar):
+        return None, f"the FAISS index of {collection.name}/{table} is stale (search or index rebuilds it)"
+    return None, None
+
+
 def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), rebuild_stale: bool = True) -> LoadedIndex:
     """The persisted index of a table if it covers the table's current version, else a fresh build."""
-    import faiss
 
     paths = _paths(collection.database.path, collection.name, table)
     try:
@@ -208,6 +279,8 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
         fresh = is_fresh(collection, table, sidecar, config=config)
     except (OSError, ValueError, KeyError):
         sidecar, fresh = None, False
+    if fresh and not sidecar.get("checksums"):
+        fresh = False  # built by a clipdex that recorded no checksums: rebuild once, with them
     if not fresh:
         if not rebuild_stale:
             raise StoreError(f"the FAISS index of {collection.name}/{table} is missing or stale")
@@ -216,13 +289,13 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
                         sidecar.get("lance_version"))
         return build_for(collection, table, config=config)
     try:
-        index = faiss.read_index(str(paths["index"]))
-        rows = pq.read_table(paths["rows"])
-    except (OSError, RuntimeError, pa.ArrowException) as e:
-        logger.warning("could not read %s (%s); rebuilding", paths["index"], e)
+        index, rows = _read_files(paths, sidecar)
+    except OSError as e:
+        logger.warning("could not read %s (%s); rebuilding it from LanceDB", e.filename or paths["index"],
+                       e.strerror or e)
         return build_for(collection, table, config=config)
-    if not (index.ntotal == rows.num_rows == sidecar["rows"]):  # files from two different builds
-        logger.warning("%s does not match its sidecar; rebuilding", paths["index"])
+    except StoreError as e:
+        logger.warning("%s; rebuilding it from LanceDB", e)
         return build_for(collection, table, config=config)
     _set_nprobe(index, config.nprobe)
     return LoadedIndex(to_gpu(index, use_gpu=config.use_gpu), rows, sidecar)

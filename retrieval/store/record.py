@@ -16,14 +16,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
-from clipdex.exceptions import ModelMismatchError, StoreError
+from clipdex.exceptions import CorruptStoreError, ModelMismatchError, StoreError
 
 if TYPE_CHECKING:  # the encoder module imports torch; the store does not need it to open a database
     from clipdex.retrieval.models.encoder import EncoderInfo
@@ -114,7 +118,9 @@ class Database:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the database folder {self.path}: {e}") from e
-        self.db = lancedb.connect(str(self.path))
+        # every read sees the latest commit: a long-lived reader (the app) never reads a version that a
+        # writer's cleanup has since deleted, and never misses another process's writes
+        self.db = lancedb.connect(str(self.path), read_consistency_interval=timedelta(0))
 
     def collections(self) -> list[str]:
         """Names of the collections in this database."""
@@ -162,6 +168,25 @@ class Collection:
             database.db.create_table(f"{name}__captions", schema=captions_schema(self.encoder_info()))
         self._captions = database.db.open_table(f"{name}__captions")
 
+    def table_folder(self, table: str) -> Path:
+        """The folder LanceDB keeps ``table`` ('images' or 'captions') in."""
+        self._table(table)
+        return self.database.path / f"{self.name}__{table}.lance"
+
+    @contextmanager
+    def _reading(self, table: str, what: str) -> Iterator[None]:
+        """LanceDB's errors while reading ``table`` (a RuntimeError that names no file) as a StoreError that
+        names the table's folder and what to do."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except (OSError, RuntimeError, ValueError, pa.ArrowException) as e:
+            raise CorruptStoreError(
+                f"LanceDB could not {what} table {self.name}__{table} ({self.table_folder(table)}): {e}. The data "
+                f"may be damaged: run clipdex check --db {self.database.path} --collection {self.name} to find the "
+                "file, then re-index the collection") from e
+
     def _table(self, table: str):
         if table == "images":
             return self._images
@@ -195,11 +220,12 @@ class Collection:
 
     def count(self, table: str = "images") -> int:
         """Number of rows of ``table`` ('images' or 'captions')."""
-        return self._table(table).count_rows()
+        with self._reading(table, "count the rows of"):
+            return self._table(table).count_rows()
 
     def caption_count(self) -> int:
         """Number of captions."""
-        return self._captions.count_rows()
+        return self.count("captions")
 
     def ids(self, table: str = "images", *, where: str | None = None) -> list[str]:
         """Ids of the rows of ``table``: all of them, or those matching ``where`` (SQL over the table's
@@ -210,19 +236,21 @@ class Collection:
             query = t.search().where(where) if where else t.search()
             return query.select(["id"]).limit(None).to_arrow()
 
-        return _filter_errors(where, run)["id"].to_pylist()
+        with self._reading(table, "read the ids of"):
+            return _filter_errors(where, run)["id"].to_pylist()
 
     def rows(self, ids: list[str] | None = None, *, columns: tuple[str, ...] | list[str],
              table: str = "images") -> pa.Table:
         """``columns`` of the rows of ``table`` with these ids (every row when ``ids`` is None), in no
         particular order; ids not in the table are left out. Include ``id`` to match rows to ids."""
         t, cols = self._table(table), list(columns)
-        if ids is None:
-            return t.search().select(cols).limit(None).to_arrow()
-        ids = list(ids)
-        parts = [t.search().where(sql_in("id", ids[i:i + 500])).select(cols).limit(None).to_arrow()
-                 for i in range(0, len(ids), 500)]
-        return pa.concat_tables(parts) if parts else pa.schema([t.schema.field(c) for c in cols]).empty_table()
+        with self._reading(table, "read rows of"):
+            if ids is None:
+                return t.search().select(cols).limit(None).to_arrow()
+            ids = list(ids)
+            parts = [t.search().where(sql_in("id", ids[i:i + 500])).select(cols).limit(None).to_arrow()
+                     for i in range(0, len(ids), 500)]
+            return pa.concat_tables(parts) if parts else pa.schema([t.schema.field(c) for c in cols]).empty_table()
 
     def sources(self) -> list[str]:
         """The folders and manifests (with ``#split=``) the images were indexed from, sorted."""
@@ -251,14 +279,16 @@ class Collection:
                 query = query.where(prefilter, prefilter=True)
             return query.select([*cols, "_distance"]).limit(k).to_arrow()
 
-        found = _filter_errors(where, run)
+        with self._reading(table, "search"):
+            found = _filter_errors(where, run)
         score = [1.0 - d for d in found["_distance"].to_pylist()]  # LanceDB's dot distance is 1 - similarity
         return found.select(cols).append_column(pa.field("score", pa.float64()), pa.array(score, pa.float64()))
 
     def existing(self, source: str) -> dict[str, ExistingRow]:
         """Rows indexed from ``source``, by id."""
         cols = ["id", "path", "content_hash", "size", "mtime", "captions"]
-        t = self._images.search().where(f"source = {sql_quote(source)}").select(cols).limit(None).to_arrow()
+        with self._reading("images", "read the indexed files of"):
+            t = self._images.search().where(f"source = {sql_quote(source)}").select(cols).limit(None).to_arrow()
         return {i: ExistingRow(i, p, h, s, m, tuple(c or ())) for i, p, h, s, m, c in
                 zip(*(t[c].to_pylist() for c in cols))}
 
@@ -284,8 +314,7 @@ class Collection:
             if images.num_rows:
                 self._images.add(images.cast(self._images.schema))
         except (OSError, RuntimeError, ValueError) as e:  # LanceDB reports I/O failures as several types
-            raise StoreError(f"could not write to {self.database.path} (disk full?): {e}. Rows already "
-                             "indexed are kept; run the same command again to go on.") from e
+            raise StoreError(f"could not write to {self.database.path} (disk full?): {e}") from e
 
     def delete_images(self, ids: list[str]) -> None:
         """Delete images and then their captions."""
@@ -295,13 +324,40 @@ class Collection:
             self._captions.delete(sql_in("image_id", chunk))
 
     def reconcile(self) -> int:
-        """Drop captions whose image row is absent (what a killed run may leave); returns how many."""
+        """Drop captions whose image row is absent (what a killed run may leave); returns how many captions."""
         image_ids = set(self.ids("images"))
-        cap_owner = set(self.rows(columns=["image_id"], table="captions")["image_id"].to_pylist())
-        orphans = sorted(cap_owner - image_ids)
+        owners = self.rows(columns=["image_id"], table="captions")["image_id"].to_pylist()
+        orphans = sorted(set(owners) - image_ids)
         for i in range(0, len(orphans), 500):
             self._captions.delete(sql_in("image_id", orphans[i:i + 500]))
-        return len(orphans)
+        return sum(o not in image_ids for o in owners)
+
+    def duplicate_ids(self, table: str = "images") -> dict[str, int]:
+        """Ids that more than one row of ``table`` holds, with how many rows hold each."""
+        return {i: n for i, n in Counter(self.ids(table)).items() if n > 1}
+
+    def remove_duplicates(self) -> dict[str, int]:
+        """Keep one row of every id held by several (what two writers at once made before the writer lock),
+        in one commit per table; returns the rows removed, by table."""
+        removed = {}
+        for table in TABLES:
+            dup = self.duplicate_ids(table)
+            removed[table] = sum(dup.values()) - len(dup)
+            if not dup:
+                continue
+            t = self._table(table)
+            with self._reading(table, "repair duplicate ids in"):
+                rows = pa.concat_tables([
+                    t.search().where(sql_in("id", chunk)).with_row_id(True).select(["id"]).limit(None).to_arrow()
+                    for chunk in _chunks(sorted(dup), 500)])
+                seen, extra = set(), []
+                for i, rowid in zip(rows["id"].to_pylist(), rows["_rowid"].to_pylist()):
+                    if i in seen:
+                        extra.append(rowid)
+                    seen.add(i)
+                for chunk in _chunks(extra, 2000):  # a later copy of an id goes, by its row address
+                    t.delete(f"_rowid IN ({', '.join(str(r) for r in chunk)})")
+        return removed
 
     def versions(self) -> dict[str, int]:
         """The latest LanceDB version of each table (what a FAISS index records it covers)."""
@@ -319,25 +375,63 @@ class Collection:
 
     def vectors(self, table: str, columns: list[str]) -> tuple[np.ndarray, pa.Table]:
         """All vectors of ``table`` ('images' or 'captions') as (N, D) float32 with the asked columns."""
-        t = self._table(table).search().select(["vector", *columns]).limit(None).to_arrow()
+        with self._reading(table, "read the vectors of"):
+            t = self._table(table).search().select(["vector", *columns]).limit(None).to_arrow()
         dim = self.encoder_info().embed_dim
         vec = t["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
         return np.ascontiguousarray(vec, dtype=np.float32), t.select(columns)
 
-    def compact(self) -> None:
-        """Merge the small fragments many appends leave (LanceDB ``optimize``); best effort."""
+    def compact(self, *, keep_versions_seconds: float = 60.0) -> None:
+        """Merge the small fragments many appends leave and delete the versions (and the data files only they
+        use) older than ``keep_versions_seconds`` (LanceDB ``optimize``); best effort. Call it only while
+        holding the collection's writer lock: files a failed write left are deleted too."""
         for t in (self._images, self._captions):
             try:
-                t.optimize()
+                t.optimize(cleanup_older_than=timedelta(seconds=keep_versions_seconds), delete_unverified=True)
             except Exception as e:  # noqa: BLE001 - compaction is an optimisation, never a failure
                 logger.warning("could not compact %s: %s", t.name, e)
 
+    def disk_usage(self) -> dict:
+        """Bytes on disk, data files and versions kept, per table and in all."""
+        out = {"bytes": 0}
+        for table in TABLES:
+            folder = self.table_folder(table)
+            files = [f for f in folder.rglob("*") if f.is_file()]
+            size = sum(f.stat().st_size for f in files)
+            with self._reading(table, "list the versions of"):
+                versions = len(self._table(table).list_versions())
+            out[table] = {"bytes": size, "data_files": sum(f.parent.name == "data" for f in files),
+                          "versions": versions}
+            out["bytes"] += size
+        return out
+
+    def files(self) -> dict[str, list[Path]]:
+        """Every file of the collection's two LanceDB folders, by table (what :mod:`integrity` checksums)."""
+        return {table: sorted(f for f in self.table_folder(table).rglob("*") if f.is_file()) for table in TABLES}
+
+    def scan(self, table: str, columns: list[str], *, batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
+        """Every row of ``table`` in batches (for a full check); read errors come as :class:`CorruptStoreError`."""
+        with self._reading(table, "read every row of"):
+            yield from self._table(table).search().select(columns).limit(None).to_batches(batch_rows)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _is_io_error(e: Exception) -> bool:
+    """Whether LanceDB's error is about reading files (damage), not about the query."""
+    text = str(e)
+    return isinstance(e, OSError) or "LanceError(IO)" in text or "Not found:" in text or "Io {" in text
+
 
 def _filter_errors(where: str | None, run):
-    """``run()``, with LanceDB's report of a bad ``where`` (one of several error types) as a StoreError."""
+    """``run()``, with LanceDB's report of a bad ``where`` (one of several error types) as a StoreError;
+    a failure to read the files is not the filter's fault and is raised as it is."""
     try:
         return run()
     except Exception as e:  # noqa: BLE001 - LanceDB reports a bad filter as one of several error types
-        if not where:
+        if not where or _is_io_error(e):
             raise
         raise StoreError(f"bad filter {where!r}: {e}. Columns you can filter on: {', '.join(FILTER_COLUMNS)}") from e

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipdex.exceptions import ClipdexError
+from clipdex.exceptions import ClipdexError, CorruptStoreError
 from clipdex.retrieval.models.images import open_rgb
 from clipdex.retrieval.store.faiss_index import (
     IndexConfig,
@@ -59,6 +59,19 @@ class Hit:
         """The JSON shape: rank, id, path, caption, score (and image_id for captions)."""
         return {"rank": self.rank, "id": self.id, "path": self.path, "caption": self.caption,
                 "score": self.score} | ({"image_id": self.image_id} if self.image_id else {})
+
+
+SCORE_LIMIT = 1.01  # cosine of unit vectors, with float error: a score beyond it can only come from damaged data
+
+
+def _check_scores(hits: list[Hit], *, collection: Collection, table: str) -> None:
+    """Refuse to show a score no pair of unit vectors can have: it means damaged data, and says where."""
+    for h in hits:
+        if not (-SCORE_LIMIT <= h.score <= SCORE_LIMIT):  # also catches NaN
+            raise CorruptStoreError(
+                f"search of {collection.name}/{table} gave row {h.id!r} the score {h.score:.3g}, which no pair of "
+                f"unit vectors can have: the stored vectors (or the FAISS index) are damaged. Run clipdex check "
+                f"--db {collection.database.path} --collection {collection.name}")
 
 
 def glob_to_like(pattern: str) -> str:
@@ -163,6 +176,7 @@ class SearchCollection:
             hits = self._accelerated(vector, table=table, k=k)
             if columns:
                 self._fill(hits, table=table, columns=tuple(columns))
+        _check_scores(hits, collection=self.collection, table=table)
         if min_score is not None:
             hits = [h for h in hits if h.score >= min_score]
         return hits
