@@ -24,7 +24,7 @@ from clipdex.indexer.embed import Embedder
 from clipdex.indexer.reader import SourceItem, SourceListing, read_source
 from clipdex.indexer.writer import StoreWriter
 from clipdex.retrieval.models.images import DEFAULT_MAX_PIXELS
-from clipdex.retrieval.store.faiss_index import IndexConfig, load_for
+from clipdex.retrieval.store.faiss_index import IndexConfig, load_for, remove_unreferenced
 from clipdex.retrieval.store.integrity import record_checksums
 from clipdex.retrieval.store.lock import writer_lock
 from clipdex.retrieval.store.record import (
@@ -186,9 +186,9 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
     listing = _read(settings, times=times)
     db = Database(settings.db, create=True)
     with writer_lock(db.path, settings.collection, wait=settings.lock_wait):
-        removed = remove_stale_temp_files(db.path / "_faiss")
+        removed = remove_stale_temp_files(db.path / "_faiss") + remove_unreferenced(db.path, settings.collection)
         if removed:
-            logger.warning("removed %d temporary files a killed run left in %s", len(removed), db.path / "_faiss")
+            logger.warning("removed %d files a killed run left in %s", len(removed), db.path / "_faiss")
         prep = _prepare(settings, listing, db, encoder=encoder, times=times)
         loop = _index_loop(settings, prep, pool, progress=progress, on_progress=on_progress)
         return _finish(settings, prep, loop, workers=pool.workers, times=times, t_start=t_start)

@@ -97,9 +97,15 @@ def _overwrite_middle(path: Path, fraction: float = 0.4, seed: int = 0) -> None:
     path.write_bytes(bytes(data))
 
 
+def _faiss_file(db: Path, kind: str, table: str = "images") -> Path:
+    """The index ('index') or ids ('rows') file the sidecar of ``world``'s ``table`` names."""
+    sidecar = json.loads((db / "_faiss" / f"world__{table}.json").read_text())
+    return db / "_faiss" / sidecar["files"][kind]
+
+
 def test_damaged_faiss_file_is_detected_and_rebuilt(db, tiny_world, caplog):
     """Defect 2: random bytes inside the .faiss file gave 'cosine' scores near 5e37 and exit 0."""
-    faiss_file = db / "_faiss" / "world__images.faiss"
+    faiss_file = _faiss_file(db, "index")
     want = [r["id"] for r in json.loads(_search(db, "a red circle", "-k", "5").stdout)["results"]]
     _overwrite_middle(faiss_file)
     p = run_cli("check", "--db", str(db), check=False)
@@ -107,12 +113,13 @@ def test_damaged_faiss_file_is_detected_and_rebuilt(db, tiny_world, caplog):
     out = json.loads(_search(db, "a red circle", "-k", "5").stdout)
     assert [r["id"] for r in out["results"]] == want and all(abs(r["score"]) <= 1.01 for r in out["results"])
     assert "rebuilding it from LanceDB" in caplog.text and str(faiss_file) in caplog.text
-    assert run_cli("check", "--db", str(db)).returncode == 0  # the rebuilt file has a matching checksum
+    assert run_cli("check", "--db", str(db)).returncode == 0  # the rebuilt files have matching checksums
+    assert not faiss_file.exists()  # the damaged build's files went with it
 
 
 def test_garbage_ids_file_is_reported_under_its_own_name(db):
     """Defect 10: a garbage ids file was reported under the .faiss file's name."""
-    rows = db / "_faiss" / "world__images.ids.parquet"
+    rows = _faiss_file(db, "rows")
     rows.write_bytes(b"not parquet at all" * 50)
     p = run_cli("check", "--db", str(db), check=False)
     assert p.returncode == 1 and f"problem: {rows}:" in p.stdout, p.stdout
@@ -148,32 +155,39 @@ def test_truncated_lance_data_names_the_table_not_the_users_filter(db, tiny_worl
 
 
 def test_stale_temp_files_of_a_killed_faiss_write_are_removed(db, tiny_world):
-    """Defect 5: a kill while FAISS was being written left .tmp files as large as an index, for good."""
+    """Defect 5: a kill while FAISS was being written left .tmp files as large as an index, for good (and a
+    build's files that no sidecar names, from a kill between them and the sidecar, go too)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     leaked = db / "_faiss" / f".world__images.faiss.{dead.pid}-0123abcd.tmp"
     leaked.write_bytes(b"\0" * 4096)
     ours = db / "_faiss" / f".world__images.faiss.{os.getpid()}-0123abcd.tmp"  # a live writer's: kept
     ours.write_bytes(b"\0" * 10)
+    orphan = db / "_faiss" / "world__images.0123456789ab.faiss"  # a build killed before its sidecar was written
+    orphan.write_bytes(b"\0" * 4096)
+    os.utime(orphan, (time.time() - 3600, time.time() - 3600))
     run_cli("index", str(tiny_world), "--db", str(db), *INDEX)
-    assert not leaked.exists() and ours.exists()
+    assert not leaked.exists() and ours.exists() and not orphan.exists()
+    assert _faiss_file(db, "index").exists() and _faiss_file(db, "rows").exists()
 
 
+@pytest.mark.filterwarnings("ignore:optimize\\(cleanup_older_than=0\\)")  # LanceDB's warning: no reader here
 def test_commits_by_time_and_old_versions_pruned(tiny_world, tmp_path):
     """Defects 6 and 7: below 4,096 images a run made one commit, at the end; versions were never pruned
     (14 versions and 7 data files after four small incremental runs)."""
     from clipdex.indexer.runner import IndexSettings, run_index
+    from clipdex.retrieval.models.encoder import load_encoder
     from clipdex.retrieval.store.record import Database
 
-    db = tmp_path / "db"
+    db, encoder = tmp_path / "db", load_encoder("clipdex-world", device="cpu")
     settings = dict(source=str(tiny_world), split="corpus", db=str(db), collection="c", workers=0, batch_size=16,
                     build_index=False, keep_versions_seconds=0)
-    out = run_index(IndexSettings(**settings, flush_seconds=0.0), progress=False)
+    out = run_index(IndexSettings(**settings, flush_seconds=0.0), progress=False, encoder=encoder)
     assert out["counts"]["indexed"] == 64
     col = Database(db).open("c")
     assert out["disk"]["images"]["versions"] == 1 and out["disk"]["images"]["data_files"] == 1, out["disk"]
-    for _ in range(3):  # incremental runs that change nothing keep the store at one version
-        out = run_index(IndexSettings(**settings), progress=False)
+    for _ in range(2):  # incremental runs that change nothing keep the store at one version
+        out = run_index(IndexSettings(**settings), progress=False, encoder=encoder)
     assert col.disk_usage()["images"]["versions"] == 1
     listed = json.loads(run_cli("collections", "--db", str(db), "--json").stdout)["collections"][0]
     assert listed["disk_bytes"] == col.disk_usage()["bytes"] > 0
@@ -278,3 +292,29 @@ def test_read_only_database_and_full_disk(db, tiny_world, tmp_path):
     code, kept = int(full[1]), int(full[2])
     assert code == 1 and "disk full?" in err and f"This run committed {kept} images" in err, err
     assert 0 < kept < 64 and kept % 4 == 0  # whole commits of 4 kept; the run stopped where the disk filled
+
+
+def test_nothing_to_index_exits_non_zero_and_creates_nothing(tiny_world, tmp_path):
+    """§3: an empty folder, or a manifest whose files are all missing, exited 0 (and made an empty collection)."""
+    empty, db = tmp_path / "empty", tmp_path / "db"
+    empty.mkdir()
+    p = run_cli("index", str(empty), "--db", str(db), check=False)
+    assert p.returncode == 1 and "nothing to index" in p.stderr and "no image files" in p.stderr, p.stderr
+    manifest = tmp_path / "gone.csv"
+    manifest.write_text(f"path\n{tmp_path / 'a.jpg'}\n{tmp_path / 'b.jpg'}\n")
+    p = run_cli("index", str(manifest), "--db", str(db), check=False)
+    assert p.returncode == 1 and "none of its 2 files exist" in p.stderr and "a.jpg" in p.stderr, p.stderr
+    assert not db.exists()
+
+
+def test_reliability_md_names_only_tests_that_exist():
+    """RELIABILITY.md's table points at the test that injects each fault: each must exist."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "RELIABILITY.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)
+    assert len(named) >= 14
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (root / path).read_text(), re.M), f"{path}::{name} is gone"
+    assert "`bench/faults.py`" in text and (root / "bench" / "faults.py").is_file()

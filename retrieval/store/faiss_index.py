@@ -1,7 +1,8 @@
 """The search accelerator: a FAISS index per table, built from LanceDB and persisted beside it.
 
-Files, in ``<db>/_faiss/``: ``<collection>__<table>.faiss`` (the index), ``.ids.parquet`` (the row each
-FAISS position stands for: id, and path or text) and ``.json`` (a sidecar: which LanceDB table version
+Files, in ``<db>/_faiss/``: ``<collection>__<table>.<build>.faiss`` (the index), ``.<build>.ids.parquet`` (the
+row each FAISS position stands for: id, and path or text) and ``<collection>__<table>.json`` (the sidecar,
+written last, naming the build's two files: which LanceDB table version
 and how many rows the index covers, which factory string built it, its measured recall@10 against exact
 search, and the blake2b of the two other files). An index whose sidecar does not match the table's current
 version is stale and rebuilt; one whose files do not match their checksums is damaged, and rebuilt from
@@ -18,6 +19,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -153,10 +155,44 @@ class LoadedIndex:
         return self.index.search(queries, k)
 
 
-def _paths(db_dir: Path, collection: str, table: str) -> dict[str, Path]:
-    base = db_dir / "_faiss" / f"{collection}__{table}"
-    return {"index": base.with_suffix(".faiss"), "rows": base.with_suffix(".ids.parquet"),
-            "sidecar": base.with_suffix(".json")}
+def _paths(db_dir: Path, collection: str, table: str, sidecar: dict | None = None) -> dict[str, Path]:
+    """The sidecar's path, and the index and ids files it names (each build writes files of its own, so a
+    build killed half-way never mixes with the one the sidecar describes: the sidecar is the commit point)."""
+    folder = db_dir / "_faiss"
+    base = f"{collection}__{table}"
+    files = (sidecar or {}).get("files") or {"index": f"{base}.faiss", "rows": f"{base}.ids.parquet"}  # pre-builds
+    return {"index": folder / files["index"], "rows": folder / files["rows"], "sidecar": folder / f"{base}.json"}
+
+
+def _build_files(collection: str, table: str) -> dict[str, str]:
+    build = uuid.uuid4().hex[:12]
+    return {"index": f"{collection}__{table}.{build}.faiss", "rows": f"{collection}__{table}.{build}.ids.parquet"}
+
+
+def remove_unreferenced(db_dir: Path, collection: str, *, older_than: float = 600.0) -> list[Path]:
+    """Delete the index and ids files of ``collection`` that no sidecar names (a build killed before its
+    sidecar was written), once older than ``older_than`` seconds (a build in progress is younger). Call it
+    as the collection's writer."""
+    folder = Path(db_dir) / "_faiss"
+    keep = set()
+    for table in ("images", "captions"):
+        try:
+            sidecar = json.loads((folder / f"{collection}__{table}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        keep.update(str(p) for k, p in _paths(Path(db_dir), collection, table, sidecar).items() if k != "sidecar")
+    removed = []
+    now = time.time()
+    for f in folder.glob(f"{collection}__*"):
+        if f.suffix == ".json" or str(f) in keep:
+            continue
+        try:
+            if now - f.stat().st_mtime > older_than:
+                f.unlink()
+                removed.append(f)
+        except OSError:
+            continue
+    return removed
 
 
 DISPLAY = {"images": ["id", "path"], "captions": ["id", "image_id", "text"]}
@@ -201,12 +237,23 @@ def _save(collection, table: str, index, rows: pa.Table, sidecar: dict) -> None:
     that cannot be written (a read-only database) is said once; the index then lives in memory."""
     import faiss
 
-    paths = _paths(collection.database.path, collection.name, table)
+    db_dir = collection.database.path
+    sidecar["files"] = _build_files(collection.name, table)
+    paths = _paths(db_dir, collection.name, table, sidecar)
+    try:
+        previous = json.loads(paths["sidecar"].read_text())
+    except (OSError, ValueError):
+        previous = None
     try:
         atomic_write(paths["rows"], lambda p: pq.write_table(rows, p))
         atomic_write(paths["index"], lambda p: faiss.write_index(index, str(p)))
         sidecar["checksums"] = {"index": hash_file(paths["index"]), "rows": hash_file(paths["rows"])}
         atomic_write(paths["sidecar"], lambda p: p.write_text(json.dumps(sidecar, indent=1)))
+        if previous is not None:  # the files of the build this one replaces (a reader that still opens them rebuilds)
+            for key in ("index", "rows"):
+                old = _paths(db_dir, collection.name, table, previous)[key]
+                if old != paths[key]:
+                    old.unlink(missing_ok=True)
     except OSError as e:
         folder = str(paths["index"].parent)
         if folder not in _UNSAVED:
@@ -257,6 +304,7 @@ def check_index_files(collection, table: str) -> tuple[str | None, str | None]:
         return None, f"no FAISS index of {collection.name}/{table} saved (search builds it)"
     except ValueError as e:
         return f"{paths['sidecar']}: not valid JSON ({e})", None
+    paths = _paths(collection.database.path, collection.name, table, sidecar)
     if not sidecar.get("checksums"):
         return None, f"{paths['sidecar']}: no checksums (built by an older clipdex; the next run rebuilds it)"
     try:
@@ -277,6 +325,7 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
     try:
         sidecar = json.loads(paths["sidecar"].read_text())
         fresh = is_fresh(collection, table, sidecar, config=config)
+        paths = _paths(collection.database.path, collection.name, table, sidecar)
     except (OSError, ValueError, KeyError):
         sidecar, fresh = None, False
     if fresh and not sidecar.get("checksums"):

@@ -118,7 +118,8 @@ def _check_rows(collection: Collection, table: str, report: CheckReport) -> tupl
         for batch in collection.scan(table, ["id", "vector", *([key] if key else [])]):
             batch_ids = batch.column("id").to_pylist()
             vec = batch.column("vector").flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-            norm = np.linalg.norm(vec.astype(np.float64), axis=1)
+            with np.errstate(all="ignore"):  # damaged data may hold NaN, inf or huge values: they are the finding
+                norm = np.linalg.norm(vec.astype(np.float64), axis=1)
             wrong = ~np.isfinite(norm) | (np.abs(norm - 1.0) > NORM_TOLERANCE)
             bad += [batch_ids[i] for i in np.flatnonzero(wrong)]
             ids += batch_ids

@@ -42,6 +42,7 @@ DEFAULT_COLLECTION = "default"
 TABLES = ("images", "captions")
 # the images-table columns a ``where`` filter may use (what ``search --where`` documents and errors list)
 FILTER_COLUMNS = ("id", "path", "source", "content_hash", "size", "mtime", "width", "height")
+_REWRITTEN_FILES = frozenset({"latest_version_hint.json", "_latest.manifest"})  # LanceDB's mutable files
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
@@ -406,8 +407,11 @@ class Collection:
         return out
 
     def files(self) -> dict[str, list[Path]]:
-        """Every file of the collection's two LanceDB folders, by table (what :mod:`integrity` checksums)."""
-        return {table: sorted(f for f in self.table_folder(table).rglob("*") if f.is_file()) for table in TABLES}
+        """The files of the collection's two LanceDB folders that LanceDB never rewrites (data, deletion
+        files, version manifests, transactions), by table: what :mod:`integrity` checksums. The hint of the
+        latest version is rewritten by every commit and left out."""
+        return {table: sorted(f for f in self.table_folder(table).rglob("*")
+                              if f.is_file() and f.name not in _REWRITTEN_FILES) for table in TABLES}
 
     def scan(self, table: str, columns: list[str], *, batch_rows: int = 65536) -> Iterator[pa.RecordBatch]:
         """Every row of ``table`` in batches (for a full check); read errors come as :class:`CorruptStoreError`."""
