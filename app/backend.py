@@ -1,9 +1,11 @@
 """What the pages share, loaded once per process with Streamlit's caches: the encoder, each collection
-opened for search with its FAISS indexes, thumbnails, the index jobs. Nothing here draws, except the
-spinners Streamlit shows while a cache fills.
+opened for search with its FAISS indexes, thumbnails, the index jobs, and the lock every model call takes
+its turn under. Nothing here draws, except the spinners Streamlit shows while a cache fills.
 
 A collection is cached under its LanceDB table versions, so rows added by an index run (from the
-Collection page or the CLI) are searchable on the next page run, while the encoder stays loaded.
+Collection page or the CLI) are searchable on the next page run, while the encoder stays loaded. Its files
+are opened only where their real path lies under the app's folders: its index roots and the folders the
+collection was indexed from (:attr:`LoadedCollection.roots`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 import streamlit as st
 from PIL import Image
 
-from clipdex.app.inputs import InputError, decode_checked
-from clipdex.app.jobs import IndexJobs
+from clipdex.app.inputs import InputError, decode_checked, read_confined, resolved_roots
+from clipdex.app.jobs import IndexJobs, listing_sidecar
 from clipdex.app.settings import AppSettings
+from clipdex.app.turns import FairLock, streamlit_superseded
 from clipdex.exceptions import ClipdexError
 from clipdex.retrieval.store.record import Collection, Database
 from clipdex.retrieval.store.search import SearchCollection
@@ -37,6 +40,7 @@ class LoadedCollection:
     paths: list[str]
     position: dict[str, int]  # image id -> index into ids/paths
     captions: dict[str, list[str]]  # image id -> its captions
+    roots: tuple[Path, ...]  # the only folders its files are opened under (resolved)
 
     def path_of(self, image_id: str) -> str:
         """The file of a row of this collection; any other id is refused (paths never come from requests)."""
@@ -62,15 +66,38 @@ def decoder(path: str, device: str):
 
 
 @st.cache_resource(show_spinner="Opening the collection and its search indexes...", max_entries=8)
-def _loaded(db: str, name: str, images_version: int, captions_version: int, device: str) -> LoadedCollection:
+def _loaded(db: str, name: str, images_version: int, captions_version: int, device: str,
+            index_roots: tuple[str, ...]) -> LoadedCollection:
     col = Database(db).open(name)
     search = SearchCollection(col, encoder=encoder(col.encoder_info().spec, device))  # refuses another model
     images, captions = search.index("images").columns, search.index("captions").columns
     by_image: dict[str, list[str]] = {}
     for owner, text in zip(captions["image_id"], captions["text"]):
         by_image.setdefault(owner, []).append(text)
+    roots = resolved_roots([*index_roots, *(source_folder(s) for s in col.sources())])
     return LoadedCollection(name, search, images["id"], images["path"],
-                            {i: n for n, i in enumerate(images["id"])}, by_image)
+                            {i: n for n, i in enumerate(images["id"])}, by_image, roots)
+
+
+def source_folder(source: str) -> str:
+    """The folder a collection source covers: a folder itself, an app listing's folder, a manifest's folder."""
+    sidecar = listing_sidecar(source)
+    if sidecar is not None:
+        return sidecar["folder"]
+    path = Path(source.partition("#split=")[0])
+    return str(path if path.is_dir() else path.parent)
+
+
+def source_label(source: str) -> str:
+    """A source as the user named it (an app listing by its folder)."""
+    sidecar = listing_sidecar(source)
+    return sidecar["folder"] if sidecar is not None else source
+
+
+def refused_files(source: str) -> list[dict]:
+    """The files an app index run of ``source`` did not hand the indexer (links out of the roots), with why."""
+    sidecar = listing_sidecar(source)
+    return list(sidecar.get("refused", [])) if sidecar is not None else []
 
 
 def database(cfg: AppSettings) -> Database | None:
@@ -88,7 +115,7 @@ def load(cfg: AppSettings, name: str) -> LoadedCollection:
             raise ClipdexError(f"collection {name!r} is being indexed; it can be searched when the run ends")
         return _last_loaded()[(db, name)]
     versions = Database(db).open(name).versions()
-    loaded = _loaded(db, name, versions["images"], versions["captions"], cfg.device)
+    loaded = _loaded(db, name, versions["images"], versions["captions"], cfg.device, tuple(cfg.index_roots))
     _last_loaded()[(db, name)] = loaded
     return loaded
 
@@ -98,38 +125,45 @@ def _last_loaded() -> dict[tuple[str, str], LoadedCollection]:
     return {}
 
 
+@st.cache_resource
+def model_turns() -> FairLock:
+    """The process's one lock for model calls: searches and answers of every session, first come first served."""
+    return FairLock()
+
+
 def timed(fn, *args, **kwargs) -> tuple:
-    """Run a search (or an embedding); returns its result and the seconds it took (shown on the page)."""
-    t0 = time.perf_counter()
-    result = fn(*args, **kwargs)
-    return result, time.perf_counter() - t0
+    """Run a search or an answer in its turn (:mod:`clipdex.app.turns`); returns its result and the seconds
+    it took, not counting the wait for its turn (shown on the page). A page whose session sent a newer
+    request while it waited reruns with that one instead."""
+    with model_turns().turn(superseded=streamlit_superseded()):
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        return result, time.perf_counter() - t0
 
 
 def collection_image(loaded: LoadedCollection, image_id: str, *, max_pixels: int) -> Image.Image:
-    """The image of a collection row, decoded with the same checks as an upload."""
+    """The image of a collection row, opened only under the collection's roots and decoded with the same
+    checks as an upload."""
     path = loaded.path_of(image_id)
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise InputError(f"{path} (image {image_id!r}) cannot be read ({e}); re-index the collection") from e
-    return decode_checked(data, label=path, max_pixels=max_pixels)
+    return decode_checked(read_confined(path, roots=loaded.roots), label=path, max_pixels=max_pixels)
 
 
-def thumbnail(path: str, *, max_pixels: int) -> Image.Image | None:
-    """A square-ish thumbnail of a collection file (None if it is gone or unreadable); cached per file
-    version. Small images are enlarged with nearest-neighbour so their pixels stay crisp."""
+def thumbnail(loaded: LoadedCollection, path: str, *, max_pixels: int) -> Image.Image | None:
+    """A square-ish thumbnail of a collection file (None if it is gone, unreadable or outside the
+    collection's roots); cached per file version. Small images are enlarged with nearest-neighbour so their
+    pixels stay crisp."""
     try:
         mtime = os.stat(path).st_mtime_ns
     except OSError:
         return None
-    return _thumbnail(path, mtime, max_pixels)
+    return _thumbnail(path, mtime, max_pixels, loaded.roots)
 
 
 @st.cache_data(max_entries=4096, show_spinner=False)
-def _thumbnail(path: str, mtime_ns: int, max_pixels: int) -> Image.Image | None:
+def _thumbnail(path: str, mtime_ns: int, max_pixels: int, roots: tuple[Path, ...]) -> Image.Image | None:
     try:
-        im = decode_checked(Path(path).read_bytes(), label=path, max_pixels=max_pixels)
-    except (OSError, InputError):
+        im = decode_checked(read_confined(path, roots=roots), label=path, max_pixels=max_pixels)
+    except InputError:
         return None
     scale = THUMB_PX / max(im.size)
     size = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
@@ -157,7 +191,8 @@ def manifest_sources(col: Collection) -> list[tuple[str, str | None]]:
     out = []
     for s in col.sources():
         manifest, _, split = s.partition("#split=")
-        if Path(manifest).suffix.lower() in (".parquet", ".csv", ".jsonl", ".ndjson", ".json"):
+        if Path(manifest).suffix.lower() in (".parquet", ".csv", ".jsonl", ".ndjson", ".json") \
+                and listing_sidecar(s) is None:  # an app listing has no captions
             out.append((manifest, split or None))
     return out
 

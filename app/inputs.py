@@ -1,19 +1,28 @@
-"""Everything a request brings, checked before use: uploaded images, folders to index, collection names.
+"""Everything a request brings, checked before use: uploaded images, folders to index, collection names,
+and every file the app opens.
 
 No Streamlit here, so the checks are tested directly. Uploads are decoded in memory and never written to
 disk; an image picked from the collection is named by its id and opened only at the path its row records
 (:mod:`clipdex.app.backend`); a folder to index must lie under one of the roots ``clipdex app`` was given.
+Links are resolved before any file is opened: a file whose real path leaves the app's folders is neither
+indexed nor opened (:func:`confine_listing`, :func:`read_confined`).
 """
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
 
 from clipdex.exceptions import ClipdexError, StoreError
+from clipdex.indexer.reader import SourceItem, SourceListing
 from clipdex.retrieval.models.images import decode_image
 from clipdex.retrieval.store.record import check_name
+
+OUTSIDE = "a link out of the folders this app may open (not followed)"
 
 UPLOAD_TYPES = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 
@@ -28,8 +37,7 @@ def decode_checked(data: bytes, *, label: str, max_pixels: int) -> Image.Image:
     try:
         im, _, _ = decode_image(data, max_pixels=max_pixels)
     except Image.DecompressionBombError as e:
-        raise InputError(f"{label} was refused as a decompression bomb ({e}; the limit is {max_pixels:,} "
-                         "pixels)") from e
+        raise InputError(f"{label} was refused as a decompression bomb: {e}") from e
     except Image.UnidentifiedImageError as e:
         raise InputError(f"{label} is not a JPEG, PNG, WebP, GIF, BMP or TIFF image") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
@@ -52,6 +60,8 @@ def check_upload(name: str, data: bytes, *, max_bytes: int, max_pixels: int) -> 
 def check_index_folder(text: str, *, roots: tuple[str, ...], db: str) -> Path:
     """A folder typed into the Collection page, resolved, checked to be under one of ``roots`` and outside
     the database folder; :class:`InputError` otherwise."""
+    if not roots:
+        raise InputError("this app may index no folder: restart it with clipdex app --index-root DIR")
     text = (text or "").strip()
     if not text or "\x00" in text:
         raise InputError("type the absolute path of a folder of images")
@@ -62,7 +72,7 @@ def check_index_folder(text: str, *, roots: tuple[str, ...], db: str) -> Path:
         path = path.resolve()  # symlinks and '..' resolved before the roots are compared
     except (OSError, RuntimeError) as e:
         raise InputError(f"cannot resolve {text!r}: {e}") from e
-    allowed = [Path(r).expanduser().resolve() for r in roots]
+    allowed = resolved_roots(roots)
     if not any(path.is_relative_to(r) for r in allowed):  # checked first: says nothing of paths outside
         raise InputError(f"{path} is outside the folders this app may index ({', '.join(map(str, allowed))}); "
                          "restart it with clipdex app --index-root DIR to allow another")
@@ -79,3 +89,56 @@ def check_collection_name(name: str) -> str:
         return check_name((name or "").strip())
     except StoreError as e:
         raise InputError(str(e)) from e
+
+
+def resolved_roots(roots: Iterable[str | Path]) -> tuple[Path, ...]:
+    """``roots`` with ``~`` expanded and every link resolved, as the paths checked against them are."""
+    return tuple(Path(r).expanduser().resolve() for r in roots)
+
+
+def inside(path: str | Path, *, roots: tuple[Path, ...]) -> Path | None:
+    """The real path of ``path`` (every link resolved) if it exists and lies under one of ``roots`` (already
+    resolved, see :func:`resolved_roots`); None otherwise."""
+    try:
+        real = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):  # gone, a broken link, a link loop
+        return None
+    return real if any(real.is_relative_to(r) for r in roots) else None
+
+
+def read_confined(path: str, *, roots: tuple[Path, ...]) -> bytes:
+    """The bytes of a collection file, read only if its real path lies under ``roots``; the real path is then
+    opened without following a link (one swapped in after the check is refused too). :class:`InputError`
+    otherwise."""
+    real = inside(path, roots=roots)
+    if real is None:
+        if not os.path.exists(path):
+            raise InputError(f"{path} is gone (or a broken link); re-index the collection")
+        raise InputError(f"{path} is outside the folders this app may open; restart it with "
+                         "clipdex app --index-root DIR to allow its folder")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO never blocks
+    try:
+        fd = os.open(real, flags)
+    except OSError as e:
+        raise InputError(f"{path} cannot be read ({e.strerror})") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def confine_listing(listing: SourceListing, *,
+                    roots: tuple[Path, ...]) -> tuple[list[SourceItem], list[tuple[str, str]]]:
+    """A folder's listing (:func:`clipdex.indexer.reader.read_folder`, which stats files but opens none) split
+    into the items to index, each with its real path, and the files refused with the reason: links whose real
+    path leaves ``roots`` (already resolved) and what the reader could not list."""
+    items, refused = [], list(listing.missing)
+    for item in listing.items:
+        real = inside(item.path, roots=roots)
+        if real is None:
+            refused.append((item.path, OUTSIDE))
+        else:
+            items.append(SourceItem(id=item.id, path=str(real), captions=item.captions, size=item.size,
+                                    mtime=item.mtime))
+    return items, refused

@@ -1,5 +1,9 @@
 """The pieces the pages share: the collection picker in the sidebar, the image-query input (upload or pick
-from the collection), the grid of image results and the table of caption results."""
+from the collection), the grid of image results and the table of caption results.
+
+Anything that comes from a file, a caption or an upload is shown as plain text: alone with ``st.text``,
+inside a sentence (Markdown: ``st.caption``, ``st.error``, labels, tooltips) escaped with :func:`plain`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from fnmatch import fnmatch
 import streamlit as st
 from PIL import Image
 
-from clipdex.app import backend
+from clipdex.app import auth, backend
 from clipdex.app.inputs import UPLOAD_TYPES, InputError, check_upload
 from clipdex.app.settings import AppSettings
 from clipdex.exceptions import ClipdexError
@@ -19,7 +23,7 @@ from clipdex.retrieval.store.search import Hit
 
 PICK_LIMIT = 500  # collection images offered in the picker at once (narrow them with the path filter)
 GRID_COLUMNS = 4
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:])")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&@])")
 
 
 def plain(text: str) -> str:
@@ -29,7 +33,13 @@ def plain(text: str) -> str:
 
 
 def sidebar(cfg: AppSettings) -> None:
-    """The database and the collection every page works on (kept in ``st.session_state.collection``)."""
+    """The database and the collection every page works on. Stops the page if the session has not signed in
+    (``main.py`` shows the sign-in form instead of any page).
+
+    The choice is kept in ``st.session_state.collection``, apart from the picker's own state: Streamlit
+    makes each page's picker a widget of its own and drops a widget's state when another page runs."""
+    if not auth.signed_in(cfg):
+        st.stop()
     st.sidebar.caption(f"Database: {plain(cfg.db)}")
     db = backend.database(cfg)
     names = db.collections() if db else []
@@ -37,11 +47,16 @@ def sidebar(cfg: AppSettings) -> None:
         st.sidebar.info("No collection yet: index a folder on the Collection page.")
         st.session_state.pop("collection", None)
         return
-    if st.session_state.get("select_collection") in names:  # set by a page before the selectbox exists
+    if st.session_state.get("select_collection") in names:  # set by a page before the picker exists
         st.session_state.collection = st.session_state.pop("select_collection")
     if st.session_state.get("collection") not in names:
         st.session_state.collection = cfg.collection if cfg.collection in names else names[0]
-    st.sidebar.selectbox("Collection", names, key="collection")
+    st.session_state.collection_picker = st.session_state.collection
+    st.sidebar.selectbox("Collection", names, key="collection_picker", on_change=_picked)
+
+
+def _picked() -> None:
+    st.session_state.collection = st.session_state.collection_picker
 
 
 def current(cfg: AppSettings) -> backend.LoadedCollection:
@@ -54,7 +69,7 @@ def current(cfg: AppSettings) -> backend.LoadedCollection:
     try:
         return backend.load(cfg, name)
     except ClipdexError as e:
-        st.error(f"Cannot open collection {name!r}: {plain(e)}")
+        st.error(f"Cannot open collection {plain(repr(name))}: {plain(e)}")
         st.stop()
 
 
@@ -73,7 +88,8 @@ def image_query(loaded: backend.LoadedCollection, cfg: AppSettings, *, key: str)
         except InputError as e:
             st.error(f"Upload refused: {plain(e)}")
             return None, ""
-        st.image(im, caption=up.name, width=160)
+        st.image(im, width=160)
+        st.text(up.name)
         return im, up.name
     image_id = pick_image(loaded, key=f"{key}_pick")
     if image_id is None:
@@ -83,8 +99,8 @@ def image_query(loaded: backend.LoadedCollection, cfg: AppSettings, *, key: str)
     except InputError as e:
         st.error(plain(e))
         return None, ""
-    st.image(backend.thumbnail(loaded.path_of(image_id), max_pixels=cfg.max_pixels) or im, caption=image_id,
-             width=160)
+    st.image(backend.thumbnail(loaded, loaded.path_of(image_id), max_pixels=cfg.max_pixels) or im, width=160)
+    st.text(image_id)
     return im, image_id
 
 
@@ -110,15 +126,15 @@ def hit_grid(loaded: backend.LoadedCollection, hits: list[Hit] | list[Evidence],
     for row in range(0, len(hits), GRID_COLUMNS):
         for col, hit in zip(st.columns(GRID_COLUMNS), hits[row:row + GRID_COLUMNS]):
             with col.container(border=True):
-                thumb = backend.thumbnail(hit.path, max_pixels=cfg.max_pixels)
+                thumb = backend.thumbnail(loaded, hit.path, max_pixels=cfg.max_pixels)
                 if thumb is None:
-                    st.warning("file missing or unreadable")
+                    st.warning("file missing, unreadable or outside the app's folders")
                 else:
                     st.image(thumb, width="stretch")
                 badge = " :orange-badge[strongest]" if strongest and hit.score == top else ""
                 st.markdown(f"**#{hit.rank}** · score `{hit.score:.3f}`{badge}")
                 caps = loaded.captions.get(hit.id)
-                st.caption(plain(caps[0] if caps else hit.path.rsplit("/", 1)[-1]), help=plain(hit.path))
+                st.text(caps[0] if caps else hit.path.rsplit("/", 1)[-1], help=plain(hit.path))
                 if more_like_this is not None:
                     st.button("More like this", key=f"more_{hit.rank}_{hit.id}", on_click=more_like_this,
                               args=(hit.id,))

@@ -93,7 +93,8 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     Image.MAX_IMAGE_PIXELS = None  # idempotent: the limit below is per call
     im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     if im.width * im.height > max_pixels:
-        raise Image.DecompressionBombError(f"{im.width}x{im.height} pixels is over the {max_pixels} limit")
+        raise Image.DecompressionBombError(f"{im.width}x{im.height} = {im.width * im.height:,} pixels, over the "
+                                           f"limit of {max_pixels:,}")
     im.seek(0)  # GIF, TIFF, MPO, HEIF: the first frame
     w, h = im.size
     if draft_size and im.format in ("JPEG", "MPO"):

@@ -1,5 +1,6 @@
 """Collection: the database's collections (images, captions, model), the selected one's index type, size
-and measured recall, the last index run's skipped files, and indexing a folder with a live progress bar."""
+and measured recall, the last index run's skipped files, and indexing a folder with a live progress bar
+(only under the app's ``--index-root`` folders; links out of them are listed as skipped, never opened)."""
 
 import streamlit as st
 
@@ -42,11 +43,12 @@ def details(name: str) -> None:
         return
     col = loaded.search.collection
     info = col.encoder_info()
-    st.subheader(f"“{name}”")
+    st.subheader(f"“{plain(name)}”")
     a, b, c, d = st.columns(4)
     a.metric("Images", f"{col.count():,}")
     b.metric("Captions", f"{col.caption_count():,}")
-    c.metric("Model", info.spec, help=f"{info.arch}, {info.embed_dim}-d embeddings, {info.image_size}-px input")
+    c.metric("Model", plain(info.spec),
+             help=plain(f"{info.arch}, {info.embed_dim}-d embeddings, {info.image_size}-px input"))
     d.metric("Size on disk", f"{backend.disk_bytes(cfg, name) / 2**20:.1f} MB")
     st.markdown("**Search indexes** (FAISS; recall@10 measured against exact search when built)")
     st.dataframe([{"table": t, "index type": s["factory"], "vectors": s["rows"], "nprobe": str(s.get("nprobe") or "-"),
@@ -56,12 +58,13 @@ def details(name: str) -> None:
     report = backend.last_index_report(cfg, name)
     if report:
         counts = report["counts"]
-        st.markdown(f"**Last index run** of {plain(report['source'])}: {counts['indexed']} indexed, "
-                    f"{counts['unchanged']} unchanged, {counts['removed']} removed, {counts['failed']} skipped, "
+        skipped = backend.refused_files(report["source"]) + report["failures"]
+        st.markdown(f"**Last index run** of {plain(backend.source_label(report['source']))}: {counts['indexed']} "
+                    f"indexed, {counts['unchanged']} unchanged, {counts['removed']} removed, {len(skipped)} skipped, "
                     f"{counts['ignored_non_images']} non-image files ignored, in {report['seconds']['total']:.1f} s")
-        if report["failures"]:
+        if skipped:
             st.markdown("**Skipped files**")
-            st.dataframe(report["failures"], hide_index=True)
+            st.dataframe(skipped, hide_index=True)
         else:
             st.caption("No file was skipped.")
 
@@ -92,8 +95,11 @@ if name in names:
     details(name)
 
 st.subheader("Index a folder")
-roots = ", ".join(plain(r) for r in cfg.index_roots)
-st.caption(f"Folders under: {roots} (set with {plain('clipdex app --index-root')})")
+if cfg.index_roots:
+    st.caption(f"Folders under: {', '.join(plain(r) for r in cfg.index_roots)} (set with `clipdex app --index-root`)")
+else:
+    st.info("This app may index no folder: restart it with `clipdex app --index-root DIR` (repeatable) to index "
+            "folders under DIR from here.")
 with st.form("index_form"):
     folder = st.text_input("Folder of images (absolute path)", key="index_folder")
     target = st.text_input("Into collection (new or existing)", value=name or cfg.collection, key="index_target")
@@ -104,8 +110,8 @@ if start:
         target = check_collection_name(target)
         model = db.open(target).encoder_info().spec if target in names else DEFAULT_MODEL
         backend.index_jobs().start(IndexSettings(source=str(path), db=cfg.db, collection=target, model=model,
-                                                 batch_size=UI_BATCH, device=cfg.device),
-                                   encoder=backend.encoder(model, cfg.device))
+                                                 batch_size=UI_BATCH, device=cfg.device, max_pixels=cfg.max_pixels),
+                                   roots=cfg.index_roots, encoder=backend.encoder(model, cfg.device))
     except ClipdexError as e:
         st.error(f"Cannot index: {plain(e)}")
 
@@ -115,7 +121,7 @@ def progress() -> None:
     job = backend.index_jobs().latest(cfg.db)
     if job is None:
         return
-    where = f"{plain(job.source)} into “{job.settings.collection}”"
+    where = f"{plain(job.folder)} into “{plain(job.settings.collection)}”"
     if job.running:
         done = job.done()
         st.progress(min(done / max(job.total, 1), 1.0),
@@ -125,7 +131,8 @@ def progress() -> None:
     else:
         c = job.summary["counts"]
         st.success(f"Indexed {where} in {job.seconds():.1f} s: {c['indexed']} new, {c['unchanged']} unchanged, "
-                   f"{c['failed']} skipped; the collection holds {c['images_in_collection']:,} images.")
+                   f"{c['failed'] + len(job.refused)} skipped; the collection holds {c['images_in_collection']:,} "
+                   "images.")
     if not job.running and st.session_state.get("index_shown_running") == job.started:
         st.session_state.index_shown_running = None
         if not job.error:

@@ -43,7 +43,7 @@ except ClipdexError as e:
 st.subheader("Answer")
 asked_for = f"“{widgets.plain(question)}”" if question else "a caption"
 st.success(f"**{widgets.plain(result.answer) or '(empty answer)'}**", icon=":material/chat:")
-st.caption(f"You asked for {asked_for} about {widgets.plain(label)}. Answered by {result.backend} from "
+st.caption(f"You asked for {asked_for} about {widgets.plain(label)}. Answered by {widgets.plain(result.backend)} from "
            f"{len(result.evidence)} retrieved items in {seconds * 1000:.0f} ms.")
 st.subheader("Evidence")
 top = max((e.weight or 0.0 for e in result.evidence), default=0.0)

@@ -1,1 +1,0 @@
-"""The app's pages: Streamlit runs each file as a script (see ``clipdex/app/main.py``)."""
