@@ -83,7 +83,8 @@ class IndexJobs:
             folder = Path(settings.source)
             items, refused = confine_listing(read_folder(folder), roots=resolved_roots(roots))
             manifest = write_listing(folder, items, refused, db=settings.db, collection=settings.collection)
-            job = IndexJob(replace(settings, source=manifest), str(folder), len(items), refused, encoder=encoder)
+            job = IndexJob(replace(settings, source=manifest, follow_links=False), str(folder), len(items), refused,
+                           encoder=encoder)
             self._jobs[key] = job
         threading.Thread(target=self._run, args=(job,), name=f"clipdex-index-{settings.collection}",
                          daemon=True).start()

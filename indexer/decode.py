@@ -6,6 +6,7 @@ error with its reason instead of a tensor; the batch goes on without it.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import multiprocessing as mp_context
@@ -26,12 +27,31 @@ logger = logging.getLogger(__name__)
 
 
 
+class _LinkRefused(OSError):
+    """The file to decode is a symbolic link and the run does not follow links."""
+
+
+def _open(path: str, *, follow_links: bool):
+    """``path`` opened for reading; without ``follow_links``, with O_NOFOLLOW (a link, even one swapped in
+    after the listing was checked, is refused, never read)."""
+    if follow_links:
+        return open(path, "rb")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _LinkRefused(str(e)) from e
+        raise
+    return os.fdopen(fd, "rb")
+
+
 class DecodeItems(torch.utils.data.Dataset):
     """Items -> dict(pos, pixels or None, hash, width, height, error, seconds)."""
 
     def __init__(self, items: Sequence[SourceItem], transform: Callable, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_size: int | None = None):
+                 draft_size: int | None = None, follow_links: bool = True):
         self.items = list(items)
+        self.follow_links = follow_links  # False: a file that is (or became) a symbolic link is refused
         self.transform = transform
         self.max_pixels = max_pixels
         self.draft_size = draft_size
@@ -44,7 +64,7 @@ class DecodeItems(torch.utils.data.Dataset):
         item = self.items[pos]
         out = {"pos": pos, "pixels": None, "hash": "", "width": 0, "height": 0, "error": None}
         try:
-            with open(item.path, "rb") as f:
+            with _open(item.path, follow_links=self.follow_links) as f:
                 data = f.read()
             out["hash"] = content_hash(data)
             im, out["width"], out["height"] = decode_image(data, max_pixels=self.max_pixels,
@@ -54,6 +74,8 @@ class DecodeItems(torch.utils.data.Dataset):
             out["error"] = f"decompression bomb: {e}"
         except FileNotFoundError:
             out["error"] = "file not found (deleted while indexing?)"
+        except _LinkRefused:
+            out["error"] = "a symbolic link (this run does not follow links)"
         except Image.UnidentifiedImageError:
             out["error"] = "not an image (unidentified format)"
         except (OSError, ValueError, SyntaxError, EOFError) as e:
@@ -102,8 +124,8 @@ def _init_worker() -> None:
 
 
 def _decode_chunk(items: list[SourceItem], start: int, transform: Callable, max_pixels: int,
-                  draft_size: int | None) -> dict:
-    ds = DecodeItems(items, transform, max_pixels=max_pixels, draft_size=draft_size)
+                  draft_size: int | None, follow_links: bool = True) -> dict:
+    ds = DecodeItems(items, transform, max_pixels=max_pixels, draft_size=draft_size, follow_links=follow_links)
     batch = collate([ds[i] for i in range(len(items))])
     batch["pos"] = [start + p for p in batch["pos"]]
     batch["errors"] = [(start + p, r) for p, r in batch["errors"]]
@@ -147,15 +169,17 @@ class DecodePool:
         self.close()
 
     def batches(self, items: Sequence[SourceItem], transform: Callable, *, batch_size: int,
-                max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, prefetch: int = 2):
-        """Yield collated batches of ``items`` in order (decoded in this process when there are no workers)."""
+                max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None, prefetch: int = 2,
+                follow_links: bool = True):
+        """Yield collated batches of ``items`` in order (decoded in this process when there are no workers);
+        ``follow_links=False`` refuses files that are symbolic links when opened."""
         items = list(items)
         starts = range(0, len(items), batch_size)
         if self.pool is None:
             for a in starts:
-                yield _decode_chunk(items[a:a + batch_size], a, transform, max_pixels, draft_size)
+                yield _decode_chunk(items[a:a + batch_size], a, transform, max_pixels, draft_size, follow_links)
             return
-        args = lambda a, n=batch_size: (items[a:a + n], a, transform, max_pixels, draft_size)  # noqa: E731
+        args = lambda a, n=batch_size: (items[a:a + n], a, transform, max_pixels, draft_size, follow_links)  # noqa: E731
         pending: deque = deque()
         todo = iter(starts)
         for a in itertools.islice(todo, self.workers * prefetch):

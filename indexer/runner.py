@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,6 +52,8 @@ class IndexSettings:
     keep_versions_seconds: old LanceDB versions younger than this are kept after the run (a reader that opened
         one may still be reading it); older ones, and the data files only they use, are deleted.
     rehash: hash every file, not only those whose size or mtime changed.
+    follow_links: False refuses any file that is a symbolic link when it is opened (the app: its listing is
+        checked against its roots, and a file swapped for a link afterwards must not be read).
     max_pixels: larger images are skipped as decompression bombs.
     decode_timeout: a batch slower than this per file is retried file by file; a file that hangs is skipped.
     """
@@ -69,6 +72,7 @@ class IndexSettings:
     lock_wait: float = 0.0
     keep_versions_seconds: float = 60.0
     rehash: bool = False
+    follow_links: bool = True
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_timeout: float = 10.0  # seconds per file a batch may take before its files are retried one by one
     build_index: bool = True
@@ -89,8 +93,11 @@ class Plan:
     removed: int = 0
 
 
-def plan_run(collection: Collection, listing: SourceListing, *, rehash: bool = False) -> Plan:
-    """Compare a source listing with what ``collection`` holds from that source (by id)."""
+def plan_run(collection: Collection, listing: SourceListing, *, rehash: bool = False,
+             follow_links: bool = True) -> Plan:
+    """Compare a source listing with what ``collection`` holds from that source (by id); without
+    ``follow_links`` a file that is now a symbolic link is never hashed (it goes to the decoder, which
+    refuses it)."""
     existing = collection.existing(listing.source)
     plan = Plan(todo=[])
     listed = set()
@@ -106,7 +113,8 @@ def plan_run(collection: Collection, listing: SourceListing, *, rehash: bool = F
             plan.unchanged += 1
             continue
         try:
-            same = same_entry and hash_file(item.path) == row.content_hash
+            same = (same_entry and (follow_links or not os.path.islink(item.path))
+                    and hash_file(item.path) == row.content_hash)
         except OSError:
             same = False
         if same:
@@ -225,7 +233,7 @@ def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, e
                        "older clipdex writing at once); removed them", settings.collection, duplicates["images"],
                        duplicates["captions"])
     orphans = collection.reconcile()
-    plan = plan_run(collection, listing, rehash=settings.rehash)
+    plan = plan_run(collection, listing, rehash=settings.rehash, follow_links=settings.follow_links)
     if plan.remove:
         collection.delete_images(plan.remove)
     collection.touch(plan.touched)
@@ -253,7 +261,8 @@ def _index_loop(settings: IndexSettings, prep: _Prepared, pool: DecodePool, *, p
                disable=not progress or not plan.todo, dynamic_ncols=True)
     try:
         batches = pool.batches(plan.todo, encoder.preprocess, batch_size=settings.batch_size,
-                               max_pixels=settings.max_pixels, draft_size=encoder.info.image_size)
+                               max_pixels=settings.max_pixels, draft_size=encoder.info.image_size,
+                               follow_links=settings.follow_links)
         t_wait = time.perf_counter()
         for batch in batches:
             wait += time.perf_counter() - t_wait

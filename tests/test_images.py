@@ -243,3 +243,17 @@ def test_transparent_pixels_come_out_mid_grey_not_black(tmp_path, name, write):
     assert (a[:8, 8:] != BACKGROUND).any(axis=-1).all()  # opaque pixels keep their colour
     if name.startswith("rgba"):
         assert (a[:8, 8:] == (0, 0, 255)).all() and (np.abs(a[8:, 8:] - 192) <= 1).all()  # half white over grey
+
+
+def test_a_run_that_does_not_follow_links_refuses_a_file_swapped_for_one(tmp_path):
+    """The app's runs (``follow_links=False``): a file that became a link after its listing was checked is
+    refused when opened (O_NOFOLLOW), never read; a run that follows links decodes it."""
+    outside = tmp_path / "outside.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(outside)
+    link = tmp_path / "root" / "x.png"
+    link.parent.mkdir()
+    link.symlink_to(outside)
+    item = [SourceItem(id=str(link), path=str(link))]
+    refused = DecodeItems(item, transform=np.asarray, follow_links=False)[0]
+    assert refused["pixels"] is None and refused["hash"] == "" and "symbolic link" in refused["error"]
+    assert DecodeItems(item, transform=np.asarray)[0]["error"] is None

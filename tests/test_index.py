@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, run_cli_subprocess
+from conftest import run_cli
 
 RESULT_KEYS = {"rank", "id", "path", "caption", "score"}
 
@@ -86,7 +86,7 @@ def test_search_cli_json_contract_and_image_to_text(world_db, tiny_world):
     assert out["results"][0]["caption"] in pairs.captions[0]
     img = _search(db, "--image", str(pairs.paths[5]), "--collection", "world", "-k", "3")
     assert img["results"][0]["id"] == pairs.ids[5] and img["results"][0]["score"] > 0.99  # itself first
-    table = run_cli_subprocess("search", "a red circle", "--db", str(db), "--collection", "world", "-k", "2").stdout
+    table = run_cli("search", "a red circle", "--db", str(db), "--collection", "world", "-k", "2").stdout
     assert "rank" in table and "score" in table
 
 
