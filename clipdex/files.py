@@ -48,11 +48,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], object], *, mode: int
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: someone else's process, alive
     except ProcessLookupError:
         return False
-    except PermissionError:  # someone else's process: alive
-        return True
+    except PermissionError:
+        pass
     return True
 
 

@@ -42,6 +42,7 @@ DEFAULT_COLLECTION = "default"
 TABLES = ("images", "captions")
 # the images-table columns a ``where`` filter may use (what ``search --where`` documents and errors list)
 FILTER_COLUMNS = ("id", "path", "source", "content_hash", "size", "mtime", "width", "height")
+_IN_LIST = 500  # values per SQL ``IN (...)`` list: queries by many ids go in chunks of this size
 _REWRITTEN_FILES = frozenset({"latest_version_hint.json", "_latest.manifest"})  # LanceDB's mutable files
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -248,9 +249,8 @@ class Collection:
         with self._reading(table, "read rows of"):
             if ids is None:
                 return t.search().select(cols).limit(None).to_arrow()
-            ids = list(ids)
-            parts = [t.search().where(sql_in("id", ids[i:i + 500])).select(cols).limit(None).to_arrow()
-                     for i in range(0, len(ids), 500)]
+            parts = [t.search().where(sql_in("id", chunk)).select(cols).limit(None).to_arrow()
+                     for chunk in _chunks(list(ids), _IN_LIST)]
             return pa.concat_tables(parts) if parts else pa.schema([t.schema.field(c) for c in cols]).empty_table()
 
     def sources(self) -> list[str]:
@@ -319,8 +319,7 @@ class Collection:
 
     def delete_images(self, ids: list[str]) -> None:
         """Delete images and then their captions."""
-        for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
+        for chunk in _chunks(ids, _IN_LIST):
             self._images.delete(sql_in("id", chunk))
             self._captions.delete(sql_in("image_id", chunk))
 
@@ -329,8 +328,8 @@ class Collection:
         image_ids = set(self.ids("images"))
         owners = self.rows(columns=["image_id"], table="captions")["image_id"].to_pylist()
         orphans = sorted(set(owners) - image_ids)
-        for i in range(0, len(orphans), 500):
-            self._captions.delete(sql_in("image_id", orphans[i:i + 500]))
+        for chunk in _chunks(orphans, _IN_LIST):
+            self._captions.delete(sql_in("image_id", chunk))
         return sum(o not in image_ids for o in owners)
 
     def duplicate_ids(self, table: str = "images") -> dict[str, int]:
@@ -350,7 +349,7 @@ class Collection:
             with self._reading(table, "repair duplicate ids in"):
                 rows = pa.concat_tables([
                     t.search().where(sql_in("id", chunk)).with_row_id(True).select(["id"]).limit(None).to_arrow()
-                    for chunk in _chunks(sorted(dup), 500)])
+                    for chunk in _chunks(sorted(dup), _IN_LIST)])
                 seen, extra = set(), []
                 for i, rowid in zip(rows["id"].to_pylist(), rows["_rowid"].to_pylist()):
                     if i in seen:
