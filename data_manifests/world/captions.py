@@ -296,16 +296,17 @@ def caption_forms(n_objects: int, n_captions: int, rng: np.random.Generator) -> 
 
 
 def make_captions(scene: Scene, rng: np.random.Generator, *, n: int = 5, with_landmark: bool = False,
-                  max_tries: int = 30) -> list[Caption]:
+                  max_tries: int = 30, forms: list[str] | None = None) -> list[Caption]:
     """``n`` distinct captions of ``scene`` with their claims and foils.
 
     With ``with_landmark`` (and ``scene.landmark`` set) each caption also states the landmark's facts.
+    ``forms`` fixes each caption's form (its length is the count); by default :func:`caption_forms` picks.
     Raises RuntimeError if a caption's claims were not satisfied by its own scene (a generator bug).
     """
     landmark = scene.landmark if with_landmark else None
     out: list[Caption] = []
     seen: set[str] = set()
-    for form in caption_forms(len(scene.objects), n, rng):
+    for form in forms if forms is not None else caption_forms(len(scene.objects), n, rng):
         for _ in range(max_tries):
             plan = make_plan(scene, rng, form=form, landmark=landmark)
             text = render_text(plan)

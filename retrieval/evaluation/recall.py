@@ -5,7 +5,10 @@ every gallery image queries the gallery images. image->text: every gallery image
 of the gallery. Identical caption strings are embedded once, so they score identically and the
 pessimistic ranking of :mod:`clipdex.metrics` counts such ties against the model.
 Foil accuracy: how often an image scores its true caption strictly above the caption's foil
-(``relation``: the related objects swapped; ``attribute``: attributes swapped between objects).
+(``relation``: the related objects swapped; ``attribute``: attributes swapped between objects), and the
+same split by kind under ``foil.by_kind`` (:func:`foil_kind`): a relation foil is ``spatial`` or ``size`` by
+the relation it swaps, and each kind is also split by the scene's object count, because the plain
+two-object spatial case must not hide behind the easier ones.
 """
 
 from __future__ import annotations
@@ -15,10 +18,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import json
+
 from clipdex.data_manifests.pairs import Pairs
 from clipdex.metrics import DEFAULT_KS, ranks_by_owner, recall_at
 from clipdex.retrieval.models.encoder import DualEncoder
 from clipdex.retrieval.models.images import iter_image_batches
+
+
+SPATIAL = ("left_of", "right_of", "above", "below")
+
+
+def foil_kind(pairs: Pairs, image: int, foil: dict) -> tuple[str, int | None]:
+    """(kind, object count) of one foil: ``spatial`` or ``size`` for a relation foil (by the relation whose
+    objects it swaps), else the foil's own kind; the count is the scene's objects (None when the manifest
+    does not say). Manifests without claims keep the plain kind."""
+    n = len(pairs.objects[image]) if pairs.objects else None
+    kind = foil["kind"]
+    if kind != "relation" or not pairs.caption_claims or not foil.get("claims"):
+        return kind, n
+    mine = json.loads(pairs.caption_claims[image][foil["caption_index"]])
+    theirs = json.loads(foil["claims"]) if isinstance(foil["claims"], str) else foil["claims"]
+    swapped = [a["rel"] for a, b in zip(mine, theirs) if a.get("type") == "relation" and a != b]
+    return ("spatial" if swapped and swapped[0] in SPATIAL else "size"), n
 
 
 def embed_pairs_images(encoder: DualEncoder, pairs: Pairs, *, batch_size: int = 256,
@@ -46,6 +68,7 @@ class GalleryEmbeddings:
     txt: np.ndarray  # (C, D); identical strings have identical rows
     cap_pos: dict[tuple[int, int], int]  # (image, caption index) -> row of txt
     foils: list[tuple[int, int, str]]  # (image, caption index, kind)
+    foil_kinds: list[tuple[str, int | None]]  # each foil's (kind, object count): see foil_kind
     foil_emb: np.ndarray  # (F, D)
 
 
@@ -60,12 +83,13 @@ def embed_gallery(encoder: DualEncoder, pairs: Pairs, *, gallery: int = 1000,
             cap_pos[(i, j)] = len(texts)
             texts.append(c)
             owner.append(i)
-    foil_items = [(i, f["caption_index"], f["kind"], f["text"]) for i, fs in enumerate(g.foils) for f in fs
-                  if (i, f["caption_index"]) in cap_pos]
+    foil_items = [(i, f["caption_index"], f["kind"], f["text"], foil_kind(g, i, f)) for i, fs in enumerate(g.foils)
+                  for f in fs if (i, f["caption_index"]) in cap_pos]
     uniq_emb, inverse = embed_unique_texts(encoder, texts + [f[3] for f in foil_items])
     return GalleryEmbeddings(spec=encoder.info.spec, img=img, texts=texts, owner=np.array(owner),
                              txt=uniq_emb[inverse[: len(texts)]], cap_pos=cap_pos,
-                             foils=[f[:3] for f in foil_items], foil_emb=uniq_emb[inverse[len(texts):]])
+                             foils=[f[:3] for f in foil_items], foil_kinds=[f[4] for f in foil_items],
+                             foil_emb=uniq_emb[inverse[len(texts):]])
 
 
 def score_gallery(e: GalleryEmbeddings, *, ks=DEFAULT_KS) -> dict:
@@ -74,18 +98,32 @@ def score_gallery(e: GalleryEmbeddings, *, ks=DEFAULT_KS) -> dict:
     image_ids = np.arange(n)
     t2i = ranks_by_owner(lambda a, b: e.txt[a:b] @ e.img.T, query_owner=e.owner, gallery_owner=image_ids)
     i2t = ranks_by_owner(lambda a, b: e.img[a:b] @ e.txt.T, query_owner=image_ids, gallery_owner=e.owner)
+    right = [float(e.img[i] @ e.txt[e.cap_pos[(i, ci)]]) > float(e.img[i] @ fe)
+             for (i, ci, _), fe in zip(e.foils, e.foil_emb)]
     foil = defaultdict(list)
-    for (i, ci, kind), fe in zip(e.foils, e.foil_emb):
-        foil[kind].append(float(e.img[i] @ e.txt[e.cap_pos[(i, ci)]]) > float(e.img[i] @ fe))
+    for (_, _, kind), ok in zip(e.foils, right):
+        foil[kind].append(ok)
     return {
         "model": e.spec,
         "gallery": n,
         "t2i": recall_at(t2i, ks),
         "i2t": recall_at(i2t, ks),
-        "foil": {k: float(np.mean(v)) for k, v in sorted(foil.items())},
+        "foil": {**{k: float(np.mean(v)) for k, v in sorted(foil.items())},
+                 "by_kind": foil_accuracy_by_kind(e.foil_kinds, right)},
         "foil_count": {k: len(v) for k, v in sorted(foil.items())},
         "queries": {"t2i": int(len(e.texts)), "i2t": int(n)},
     }
+
+
+def foil_accuracy_by_kind(kinds: list[tuple[str, int | None]], right: list[bool]) -> dict:
+    """{kind: {"all": {"accuracy", "count"}, "<objects>": {...}}} from each foil's kind and outcome."""
+    cells: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for (kind, n), ok in zip(kinds, right):
+        cells[kind]["all"].append(ok)
+        if n is not None:
+            cells[kind][f"{n} objects"].append(ok)
+    return {kind: {k: {"accuracy": round(float(np.mean(v)), 4), "count": len(v)} for k, v in sorted(parts.items())}
+            for kind, parts in sorted(cells.items())}
 
 
 def evaluate_retrieval(encoder: DualEncoder, pairs: Pairs, *, gallery: int = 1000, ks=DEFAULT_KS,
@@ -104,7 +142,15 @@ def format_table(result: dict) -> str:
     if result.get("foil"):
         lines += ["", "foil accuracy (true caption scored above its foil):"]
         for kind, acc in result["foil"].items():
+            if kind == "by_kind":
+                continue
             n = result.get("foil_count", {}).get(kind, "?")
             lines.append(f"  {kind:<12}{acc:>8.3f}   ({n} pairs)")
+        by_kind = result["foil"].get("by_kind") or {}
+        if by_kind:
+            lines += ["", "by kind and objects in the scene (chance is 0.5):"]
+            for kind, parts in by_kind.items():
+                for part, cell in parts.items():
+                    lines.append(f"  {kind:<10}{part:<12}{cell['accuracy']:>8.3f}   ({cell['count']} pairs)")
     return "\n".join(lines)
 

@@ -28,9 +28,14 @@ from clipdex.files import atomic_write
 from clipdex.retrieval.evaluation.recall import evaluate_retrieval
 from clipdex.retrieval.models import checkpoint as ckpt
 from clipdex.retrieval.models.device import autocast, resolve_device
-from clipdex.retrieval.models.encoder import DualEncoder, build_model
+from clipdex.retrieval.models.encoder import DualEncoder, build_model, encode_text_trimmed
 from clipdex.retrieval.models.images import default_workers
 from clipdex.retrieval.models.registry import get_model_config
+from clipdex.retrieval.training.counterfactual import (
+    CounterfactualBatches,
+    CounterfactualConfig,
+    TrainingBatch,
+)
 from clipdex.retrieval.training.data import (
     CaptionedImages,
     Collate,
@@ -68,6 +73,10 @@ class TrainConfig:
     hard_negatives: bool = True
     foil_weight: float = 1.0  # weight of the focused caption-vs-foil term (0 = NegCLIP's extra negatives only)
     layout_weight: float = 0.0  # weight of the layout head's loss on images + captions (world manifests only)
+    counterfactual: bool = False  # train on world scenes rendered per step in layout groups (the manifest is
+    # then only the held-out set); see retrieval/training/counterfactual.py
+    variants: int = 4  # counterfactual: layouts per group (batch_size / variants groups per batch)
+    epoch_steps: int = 100  # counterfactual: steps between held-out evaluations (an "epoch" of fresh scenes)
     eval_gallery: int = 1000
     seed: int = 0
     device: str = "auto"
@@ -92,16 +101,22 @@ class TrainState:
 
 
 def contrastive_loss(img: torch.Tensor, cap: torch.Tensor, foil: torch.Tensor | None, scale: torch.Tensor,
-                     *, foil_owner: torch.Tensor | None = None, foil_weight: float = 0.0):
+                     *, foil_owner: torch.Tensor | None = None, foil_weight: float = 0.0,
+                     also_true: torch.Tensor | None = None):
     """Symmetric InfoNCE; ``foil`` rows (F, D) are extra negatives for image->text. Inputs are normalised.
 
     With ``foil_weight`` > 0 and ``foil_owner`` (F,) naming each foil's image, add a focused term: for each
     foil, a two-way softmax between its image's true caption and the foil (logistic loss on the margin).
+    ``also_true`` (B, B) bool marks caption j as true of image i too (i != j): such pairs are no negatives.
     """
     texts = cap if foil is None else torch.cat([cap, foil])  # (B + F, D)
     labels = torch.arange(img.shape[0], device=img.device)
     logits_i2t = scale * img @ texts.T  # (B, B + F)
     logits_t2i = scale * cap @ img.T  # (B, B)
+    if also_true is not None:
+        b = img.shape[0]
+        logits_i2t = torch.cat([logits_i2t[:, :b].masked_fill(also_true, float("-inf")), logits_i2t[:, b:]], 1)
+        logits_t2i = logits_t2i.masked_fill(also_true.T, float("-inf"))
     loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
     if foil is not None and foil_weight > 0 and foil_owner is not None and len(foil_owner):
         own = img[foil_owner]  # (F, D)
@@ -127,7 +142,7 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        self.pairs = load_pairs(config.manifest, split=config.train_split)
+        self.pairs = None if config.counterfactual else load_pairs(config.manifest, split=config.train_split)
         self.eval_pairs = load_pairs(config.manifest, split=config.eval_split) if config.eval_split else None
         self.state = TrainState()
         self.last_w, self.last_s = self.out / "last.safetensors", self.out / "last.state.pt"
@@ -189,21 +204,33 @@ class _Run:
                                            worker_init_fn=single_thread_worker if workers else None,
                                            persistent_workers=False, prefetch_factor=4 if workers else None)
 
+    def counterfactual_loader(self, dataset: CounterfactualBatches, *, epoch: int, skip: int, workers: int):
+        """The steps of ``epoch`` (``epoch_steps`` of them), the first ``skip`` left out (a resume)."""
+        first = epoch * self.config.epoch_steps
+        steps = range(first + skip, min(first + self.config.epoch_steps, len(dataset)))
+        return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=steps, num_workers=workers,
+                                           collate_fn=TrainingBatch(layout=self.layout_head is not None),
+                                           pin_memory=self.device.type == "cuda",
+                                           worker_init_fn=single_thread_worker if workers else None,
+                                           prefetch_factor=2 if workers else None)
+
     def step(self, batch, *, lr: float) -> dict[str, torch.Tensor]:
         """One optimizer step on ``batch``; returns the losses and the temperature, for the progress bar."""
         cfg, device, model = self.config, self.device, self.model
-        images, caps, foils, foil_owner, layout = batch
+        images, caps, foils, foil_owner, layout, *rest = batch
+        also_true = rest[0].to(device) if rest else None
         set_lr(self.opt, lr)
         images, caps = images.to(device, non_blocking=True), caps.to(device, non_blocking=True)
         foils = foils.to(device, non_blocking=True) if foils is not None else None
         shown = {}
         with autocast(device, cfg.precision):
             img = model.encode_image(images, normalize=True)
-            txt = model.encode_text(caps if foils is None else torch.cat([caps, foils]), normalize=True)
+            txt = F.normalize(encode_text_trimmed(model, caps if foils is None else torch.cat([caps, foils])), dim=-1)
             scale = model.logit_scale.exp().clamp(max=100)
             loss = contrastive_loss(img.float(), txt[: len(caps)].float(),
                                     txt[len(caps):].float() if foils is not None else None, scale.float(),
-                                    foil_owner=foil_owner.to(device), foil_weight=cfg.foil_weight)
+                                    foil_owner=foil_owner.to(device), foil_weight=cfg.foil_weight,
+                                    also_true=also_true)
             if self.layout_head is not None:
                 (img_xy, img_m, img_o), (cap_xy, cap_m, cap_o) = [[t.to(device) for t in part] for part in layout]
                 shown["layout"] = (self.layout_head.loss(img.float(), img_xy, img_m, img_o)
@@ -283,21 +310,34 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
 
     run = _Run(config, resume=resume)
     state = run.state
-    dataset = CaptionedImages(run.pairs, run.loaded.preprocess_train, seed=config.seed,
-                              hard_negatives=config.hard_negatives, layout=run.layout_head is not None)
-    if len(dataset) < config.batch_size:
-        raise ClipdexError(f"{config.manifest}: {len(dataset)} captioned images in split "
-                           f"{config.train_split!r}, fewer than one batch of {config.batch_size}")
-    steps_per_epoch = len(dataset) // config.batch_size
-    total = min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
     workers = default_workers() if config.workers is None else config.workers
+    if config.counterfactual:
+        if config.batch_size % config.variants:
+            raise ClipdexError(f"--batch-size {config.batch_size} is not a multiple of --variants {config.variants}")
+        steps_per_epoch = config.epoch_steps
+        total = min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
+        cf = CounterfactualConfig(groups=config.batch_size // config.variants, variants=config.variants,
+                                  seed=config.seed)
+        dataset = CounterfactualBatches(cf, transform=run.loaded.preprocess_train, tokenizer=run.loaded.tokenizer,
+                                        steps=total, hard_negatives=config.hard_negatives)
+        workers = max(1, workers)  # rendering runs beside the model, not before each step
+    else:
+        dataset = CaptionedImages(run.pairs, run.loaded.preprocess_train, seed=config.seed,
+                                  hard_negatives=config.hard_negatives, layout=run.layout_head is not None)
+        if len(dataset) < config.batch_size:
+            raise ClipdexError(f"{config.manifest}: {len(dataset)} captioned images in split "
+                               f"{config.train_split!r}, fewer than one batch of {config.batch_size}")
+        steps_per_epoch = len(dataset) // config.batch_size
+        total = min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
     t_start = time.time() - state.seconds
     budget = _TimeBudget(config.time_budget_s, first_step=state.step)
     bar = tqdm(total=total, initial=state.step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
     while state.step < total:
         epoch, skip = divmod(state.step, steps_per_epoch)
         dataset.epoch = epoch
-        for batch in run.loader(dataset, epoch=epoch, skip=skip, workers=workers):
+        batches = (run.counterfactual_loader(dataset, epoch=epoch, skip=skip, workers=workers) if config.counterfactual
+                   else run.loader(dataset, epoch=epoch, skip=skip, workers=workers))
+        for batch in batches:
             lr = cosine_lr(state.step, base=config.lr, warmup=config.warmup_steps, total=total)
             out = run.step(batch, lr=lr)
             bar.total = total = budget.total(state.step, total, t_start=t_start)
