@@ -165,3 +165,19 @@ def test_killed_run_resumes_to_the_same_weights(tiny_world, tmp_path, caplog):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+
+
+def test_counterfactual_training_runs_and_reports_foils_by_kind(tiny_world, tmp_path):
+    """``clipdex train --counterfactual``: batches rendered per step, the manifest only held out; the record's
+    evaluation splits foils by kind and object count."""
+    out = json.loads(run_cli("train", "--manifest", str(tiny_world), "--out", str(tmp_path), "--model",
+                             "clipdex-tiny:random", "--counterfactual", "--batch-size", "16", "--variants", "4",
+                             "--epochs", "2", "--epoch-steps", "2", "--eval-gallery", "50", "--workers", "1",
+                             "--warmup-steps", "1", "--json").stdout)
+    assert out["steps"] == 4 and len(out["history"]) == 2
+    by_kind = out["final"]["foil"]["by_kind"]
+    assert {"attribute", "spatial"} <= set(by_kind), by_kind
+    assert by_kind["spatial"]["all"]["count"] == sum(v["count"] for k, v in by_kind["spatial"].items() if k != "all")
+    bad = run_cli("train", "--manifest", str(tiny_world), "--out", str(tmp_path / "b"), "--model",
+                  "clipdex-tiny:random", "--counterfactual", "--batch-size", "10", "--variants", "4", check=False)
+    assert bad.returncode == 1 and "multiple of --variants" in bad.stderr, bad

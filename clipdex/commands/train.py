@@ -64,6 +64,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                       help="weight of layout supervision (world manifests only): a head shared by both towers must "
                       "read where each shape and colour is, from the image and from the caption's cells and "
                       "relations (0: off)")
+    cf = p.add_argument_group("counterfactual batches (the built-in world, rendered per step)")
+    cf.add_argument("--counterfactual", action="store_true",
+                    help="train on world scenes drawn fresh every step, in groups whose images hold the same "
+                    "objects in different places (two objects' cells swapped, objects moved) and whose captions "
+                    "say where things are, so only position tells a group apart; --manifest is then only the "
+                    "held-out set (--eval-split). Steps: --epochs x --epoch-steps, or --max-steps")
+    cf.add_argument("--variants", type=int_at_least(2), default=4, metavar="N",
+                    help="layouts per group (--batch-size must be a multiple)")
+    cf.add_argument("--epoch-steps", type=int_at_least(1), default=100, metavar="N",
+                    help="steps between held-out evaluations and checkpoints")
     run = p.add_argument_group("run")
     run.add_argument("--eval-gallery", type=int, default=1000, metavar="N",
                      help="images of --eval-split ranked in each held-out evaluation")
@@ -137,9 +147,10 @@ def _train(args) -> int:
     cfg = TrainConfig(
         manifest=args.manifest, out_dir=args.out, model=args.model, train_split=args.train_split or None,
         eval_split=args.eval_split or None, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, hard_negatives=not args.no_hard_negatives, foil_weight=args.foil_weight,
-        layout_weight=args.layout_weight,
-        eval_gallery=args.eval_gallery, seed=args.seed, device=args.device, precision=args.precision,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        hard_negatives=not args.no_hard_negatives, foil_weight=args.foil_weight,
+        layout_weight=args.layout_weight, counterfactual=args.counterfactual, variants=args.variants,
+        epoch_steps=args.epoch_steps, eval_gallery=args.eval_gallery, seed=args.seed, device=args.device, precision=args.precision,
         workers=args.workers, save_every=args.save_every, max_steps=args.max_steps, time_budget_s=args.time_budget,
         command="clipdex " + shlex.join(sys.argv[1:]) if sys.argv and "clipdex" in sys.argv[0] else "",
     )

@@ -256,8 +256,13 @@ class _Run:
             row["eval"] = evaluate_retrieval(enc, self.eval_pairs, gallery=self.config.eval_gallery, workers=workers)
             self.model.train()
             logger.info("epoch %d: %s", epoch + 1, json.dumps(row["eval"]))
-            bar.write(f"epoch {epoch + 1}: t2i R@1 {row['eval']['t2i']['recall@1']:.3f} "
-                      f"i2t R@1 {row['eval']['i2t']['recall@1']:.3f} foil {row['eval']['foil']}")
+            if not bar.disable:  # never into --json's stdout
+                foil = row["eval"]["foil"]
+                kinds = " ".join(f"{k} {v['all']['accuracy']:.3f}" for k, v in foil.get("by_kind", {}).items())
+                spatial2 = foil.get("by_kind", {}).get("spatial", {}).get("2 objects")
+                bar.write(f"epoch {epoch + 1}: t2i R@1 {row['eval']['t2i']['recall@1']:.3f} "
+                          f"i2t R@1 {row['eval']['i2t']['recall@1']:.3f} foils: {kinds}"
+                          + (f" (spatial, 2 objects: {spatial2['accuracy']:.3f})" if spatial2 else ""))
         state.history.append(row)
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
