@@ -6,7 +6,7 @@ import numpy as np
 
 from clipdex.data_manifests.pairs import Pairs
 from clipdex.exceptions import StoreError
-from clipdex.retrieval.evaluation.recall import GalleryEmbeddings, score_gallery
+from clipdex.retrieval.evaluation.recall import GalleryEmbeddings, foil_kind, score_gallery
 from clipdex.retrieval.store.record import Collection
 
 
@@ -37,8 +37,8 @@ def evaluate_collection(collection: Collection, pairs: Pairs, *, gallery: int = 
     txt = cap_vec[rows]
     first: dict[str, int] = {}  # identical strings get one identical vector, so ties are exact
     txt = txt[[first.setdefault(t, j) for j, t in enumerate(texts)]]
-    foils = [(n, f["caption_index"], f["kind"], f["text"]) for n, fs in enumerate(g.foils) for f in fs
-             if (n, f["caption_index"]) in where]
+    foils = [(n, f["caption_index"], f["kind"], f["text"], foil_kind(g, n, f)) for n, fs in enumerate(g.foils)
+             for f in fs if (n, f["caption_index"]) in where]
     foil_emb = np.zeros((0, img.shape[1]), np.float32)
     if foils:
         from clipdex.retrieval.models.encoder import load_encoder
@@ -48,7 +48,8 @@ def evaluate_collection(collection: Collection, pairs: Pairs, *, gallery: int = 
         collection.check_encoder(enc.info)
         foil_emb = enc.encode_texts([f[3] for f in foils])
     emb = GalleryEmbeddings(spec=collection.encoder_info().spec, img=img, texts=texts, owner=np.array(owner),
-                            txt=txt, cap_pos=where, foils=[f[:3] for f in foils], foil_emb=foil_emb)
+                            txt=txt, cap_pos=where, foils=[f[:3] for f in foils],
+                            foil_kinds=[f[4] for f in foils], foil_emb=foil_emb)
     result = score_gallery(emb)
     result["collection"] = collection.name
     return result
