@@ -1,4 +1,5 @@
-"""Embed stage: decoded batches and caption texts -> L2-normalised vectors, on the encoder's device."""
+"""Embed stage: decoded batches and caption texts -> L2-normalised vectors (and, for a collection that stores
+them, the images' patch-token grids from the same forward pass), on the encoder's device."""
 
 from __future__ import annotations
 
@@ -21,6 +22,15 @@ class Embedder:
         """(B, 3, H, W) preprocessed pixels -> (B, D) float32."""
         t0 = time.perf_counter()
         out = self.encoder.encode_image_tensors(pixels).cpu().numpy()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    def images_with_grids(self, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, H, W) preprocessed pixels -> (B, D) float32 embeddings and (B, cells, width) float16
+        patch-token grids, from one forward pass (no more work than :meth:`images`)."""
+        t0 = time.perf_counter()
+        emb, grid = self.encoder.encode_image_grid_tensors(pixels)
+        out = emb.numpy(), grid.numpy()
         self.seconds += time.perf_counter() - t0
         return out
 

@@ -35,6 +35,7 @@ from clipdex.retrieval.store.record import (
     Database,
     check_name,
 )
+from clipdex.retrieval.store.rerank import grid_layout_for
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class IndexSettings:
     follow_links: False refuses any file that is a symbolic link when it is opened (the app: its listing is
         checked against its roots, and a file swapped for a link afterwards must not be read).
     max_pixels: larger images are skipped as decompression bombs.
+    grids: a new collection also stores each image's patch-token grid when the encoder gives one (what a
+        matcher re-ranks text searches with; 8 KiB per image for clipdex-world, about 7.6 GiB per million
+        images). An existing collection keeps what it was made with.
     decode_timeout: a batch slower than this per file is retried file by file; a file that hangs is skipped.
     """
 
@@ -76,6 +80,7 @@ class IndexSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_timeout: float = 10.0  # seconds per file a batch may take before its files are retried one by one
     build_index: bool = True
+    grids: bool = True
     index: IndexConfig = field(default_factory=IndexConfig)
 
 
@@ -226,7 +231,8 @@ def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, e
     times["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    collection = db.open_or_create(settings.collection, info=encoder.info)
+    grid = grid_layout_for(encoder) if settings.grids and settings.collection not in db.collections() else None
+    collection = db.open_or_create(settings.collection, info=encoder.info, grid=grid)
     duplicates = collection.remove_duplicates()
     if duplicates["images"] or duplicates["captions"]:
         logger.warning("collection %s held %d duplicate image rows and %d duplicate caption rows (from runs of an "
@@ -283,13 +289,17 @@ def _index_loop(settings: IndexSettings, prep: _Prepared, pool: DecodePool, *, p
 
 
 def _write_batch(writer: StoreWriter, embedder: Embedder, batch: dict, items: list[SourceItem]) -> None:
-    """Embed one decoded batch (images and their captions) and hand the rows to the writer."""
-    img_vec = embedder.images(batch["pixels"])
+    """Embed one decoded batch (images, with their grids when the collection stores them, and their captions)
+    and hand the rows to the writer."""
+    if writer.grid is not None:
+        img_vec, grids = embedder.images_with_grids(batch["pixels"])
+    else:
+        img_vec, grids = embedder.images(batch["pixels"]), [None] * len(items)
     cap_vec = embedder.texts([c for it in items for c in it.captions])
     c = 0
-    for it, h, w, ht, v in zip(items, batch["hash"], batch["width"], batch["height"], img_vec):
+    for it, h, w, ht, v, g in zip(items, batch["hash"], batch["width"], batch["height"], img_vec, grids):
         n = len(it.captions)
-        writer.add(it, content_hash=h, width=w, height=ht, vector=v, caption_vectors=cap_vec[c:c + n])
+        writer.add(it, content_hash=h, width=w, height=ht, vector=v, caption_vectors=cap_vec[c:c + n], grid=g)
         c += n
 
 
@@ -323,6 +333,7 @@ def _finish(settings: IndexSettings, prep: _Prepared, loop: _Loop, *, workers: i
         "failures": loop.failures,
         "ignored": [{"path": p, "reason": r} for p, r in listing.ignored],  # not images by type: never decoded
         "faiss": indexes,
+        "grid": collection.grid_layout(),  # the patch-token grids stored with each image (None: none)
         "settings": {k: v for k, v in asdict(settings).items() if k != "index"},
     }
     summary["repaired"] = {"duplicate_image_rows": prep.duplicates["images"],

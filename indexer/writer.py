@@ -1,5 +1,6 @@
 """Write stage: buffer embedded rows and commit them to the collection in large batches, and at least every
-``flush_seconds``, so that a failure late in a long run keeps all but the last batch's work."""
+``flush_seconds``, so that a failure late in a long run keeps all but the last batch's work. A collection that
+stores patch-token grids gets each image's grid in the same row (one commit: the row is whole or absent)."""
 
 from __future__ import annotations
 
@@ -32,16 +33,21 @@ class StoreWriter:
         self.commits = 0
         self._last_commit = time.monotonic()
         self.dim = collection.encoder_info().embed_dim
+        self.grid = collection.grid_layout()  # None: the collection stores no grids
         self.seconds = 0.0
         self.written = 0
         self._img: list[dict] = []
         self._img_vec: list[np.ndarray] = []
+        self._img_grid: list[bytes] = []
         self._cap: list[dict] = []
         self._cap_vec: list[np.ndarray] = []
 
     def add(self, item: SourceItem, *, content_hash: str, width: int, height: int, vector: np.ndarray,
-            caption_vectors: np.ndarray) -> None:
-        """Buffer one image row and its caption rows; flush when the buffer is full."""
+            caption_vectors: np.ndarray, grid: np.ndarray | None = None) -> None:
+        """Buffer one image row and its caption rows; flush when the buffer is full. ``grid``: the image's
+        (cells, width) patch-token grid, needed when (and only kept when) the collection stores grids."""
+        if self.grid is not None:
+            self._img_grid.append(self._grid_bytes(item, grid))
         self._img.append({"id": item.id, "path": item.path, "source": self.source, "content_hash": content_hash,
                           "size": item.size, "mtime": item.mtime, "width": width, "height": height,
                           "captions": list(item.captions)})
@@ -53,12 +59,22 @@ class StoreWriter:
         if len(self._img) >= self.flush_rows or time.monotonic() - self._last_commit >= self.flush_seconds:
             self.flush()
 
+    def _grid_bytes(self, item: SourceItem, grid: np.ndarray | None) -> bytes:
+        shape = (self.grid["cells"], self.grid["width"])
+        if grid is None or tuple(grid.shape) != shape:
+            got = "none" if grid is None else "x".join(map(str, grid.shape))
+            raise StoreError(f"collection {self.collection.name!r} stores patch-token grids of {shape[0]}x{shape[1]}; "
+                             f"the grid given for {item.path} is {got}")
+        return np.ascontiguousarray(grid, dtype=np.float16).tobytes()  # cells * width * 2 bytes
+
     def flush(self) -> None:
         """Write what is buffered: old rows of changed files out, then captions, then images (the commit point)."""
         if not self._img:
             return
         t0 = time.perf_counter()
         images = pa.Table.from_pylist(self._img).append_column("vector", _vectors(self._img_vec, self.dim))
+        if self.grid is not None:  # after the vector: the table's column order
+            images = images.append_column("grid", pa.array(self._img_grid, pa.binary()))
         captions = None
         if self._cap:
             captions = pa.Table.from_pylist(self._cap).append_column("vector", _vectors(self._cap_vec, self.dim))
@@ -72,5 +88,5 @@ class StoreWriter:
         self.written += len(self._img)
         self.commits += 1
         self._last_commit = time.monotonic()
-        self._img, self._img_vec, self._cap, self._cap_vec = [], [], [], []
+        self._img, self._img_vec, self._img_grid, self._cap, self._cap_vec = [], [], [], [], []
         self.seconds += time.perf_counter() - t0

@@ -118,3 +118,11 @@ def tiny_decoder(tmp_path_factory) -> dict:
                    "--lr", "3e-3", "--d-model", "64", "--layers", "2", "--heads", "2", "--eval-every", "200",
                    "--k", "3", "--mix", "0.8,0.1,0.1", "--json")
     return {"root": root, "decoder": out, "record": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+@pytest.fixture(scope="session")
+def shipped_encoder():
+    """The embedded default encoder (clipdex-world) on the CPU, loaded once."""
+    from clipdex.retrieval.models.encoder import load_encoder
+
+    return load_encoder("clipdex-world", device="cpu")

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import run_cli
 
-RESULT_KEYS = {"rank", "id", "path", "caption", "score"}
+RESULT_KEYS = {"rank", "id", "path", "caption", "score", "match"}
 
 
 def _index(source, db, *extra):

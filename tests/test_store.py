@@ -104,7 +104,8 @@ def test_search_returns_the_asked_columns_from_faiss_and_from_the_filtered_path(
     for a, b in zip(fast, filtered):
         assert a.extra["captions"] == b.extra["captions"] == d["caps"][a.id]
         np.testing.assert_allclose(a.extra["vector"], b.extra["vector"])
-        assert a.as_dict() == {"rank": a.rank, "id": a.id, "path": a.path, "caption": None, "score": a.score}
+        assert a.as_dict() == {"rank": a.rank, "id": a.id, "path": a.path, "caption": None, "score": a.score,
+                               "match": None}
     assert s.search_vector(q, k=3)[0].extra is None  # nothing asked, nothing fetched
 
 

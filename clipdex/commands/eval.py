@@ -46,6 +46,13 @@ def _add_eval_retrieval(esub: argparse._SubParsersAction) -> None:
                    help="evaluate an indexed collection instead, from the vectors it stored (default: embed now)")
     r.add_argument("--collection", default="default", metavar="NAME", help="with --db: the collection")
     _eval_args(r)
+    r.add_argument("--matcher", default=None, metavar="FILE",
+                   help="also measure re-ranking with this matcher (default: the one beside the model's weights, "
+                   "if any); adds a 'rerank' section")
+    r.add_argument("--rerank", type=int_at_least(0), default=50, metavar="K",
+                   help="with a matcher: re-rank each query's top K (0: do not measure re-ranking)")
+    r.add_argument("--rerank-queries", type=int_at_least(1), default=2000, metavar="N",
+                   help="text queries re-ranked (the first N captions; each costs K matcher passes)")
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.add_argument("--workers", type=int, default=None, metavar="N", help=WORKERS_HELP)
     r.set_defaults(func=_eval_retrieval)
@@ -106,8 +113,22 @@ def _eval_retrieval(args) -> int:
     else:
         enc = load_encoder(args.model or DEFAULT_MODEL, device=args.device)
         result = evaluate_retrieval(enc, pairs, gallery=args.gallery, workers=args.workers)
+        matcher = _matcher_for(enc, args.matcher) if args.rerank else None
+        if matcher is not None:
+            from clipdex.retrieval.evaluation.rerank import evaluate_rerank
+
+            result["rerank"] = evaluate_rerank(enc, matcher, pairs, gallery=args.gallery, k=args.rerank,
+                                               queries=args.rerank_queries, workers=args.workers)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
+
+
+def _matcher_for(encoder, path: str | None):
+    """The matcher to measure: ``path``, else the one beside the encoder's weights; None when there is none."""
+    from clipdex.retrieval.store.rerank import find_matcher, load_matcher_for
+
+    found = path or find_matcher(encoder)
+    return load_matcher_for(encoder, found).model if found else None
 
 
 def _eval_oracle(args) -> int:

@@ -13,18 +13,16 @@ two-object spatial case must not hide behind the easier ones.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
-import json
-
 from clipdex.data_manifests.pairs import Pairs
 from clipdex.metrics import DEFAULT_KS, ranks_by_owner, recall_at
 from clipdex.retrieval.models.encoder import DualEncoder
 from clipdex.retrieval.models.images import iter_image_batches
-
 
 SPATIAL = ("left_of", "right_of", "above", "below")
 
@@ -152,5 +150,15 @@ def format_table(result: dict) -> str:
             for kind, parts in by_kind.items():
                 for part, cell in parts.items():
                     lines.append(f"  {kind:<10}{part:<12}{cell['accuracy']:>8.3f}   ({cell['count']} pairs)")
+    rr = result.get("rerank")
+    if rr:
+        lines += ["", f"re-ranked by the matcher (top {rr['k']}; text->image over the first {rr['text_queries']} "
+                  "captions):", f"{'direction':<14}" + "".join(f"{k:>12}" for k in ks)]
+        for d, name in (("t2i", "text->image"), ("i2t", "image->text")):
+            lines.append(f"{name:<14}" + "".join(f"{rr[d][k]:>12.3f}" for k in ks))
+        lines.append(f"  matcher foil accuracy {rr['foil']['all']:.3f} ({rr['foil']['count']} pairs)")
+        for kind, parts in rr["foil"]["by_kind"].items():
+            for part, cell in parts.items():
+                lines.append(f"  {kind:<10}{part:<12}{cell['accuracy']:>8.3f}   ({cell['count']} pairs)")
     return "\n".join(lines)
 

@@ -201,6 +201,28 @@ class DualEncoder:
             feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1)
 
+    @property
+    def has_grid(self) -> bool:
+        """Whether this encoder can give patch-token grids (:func:`image_tokens`) for a matcher to read."""
+        return has_token_grid(self.model)
+
+    @torch.no_grad()
+    def encode_image_grid_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A preprocessed batch's normalised embeddings (B, D) and patch-token grids (B, cells, width) in
+        fp16, from one forward pass; both on the CPU."""
+        with autocast(self.device, self.precision):
+            pooled, grid = image_tokens(self.model, pixels.to(self.device, non_blocking=True))
+        return F.normalize(pooled.float(), dim=-1).cpu(), grid.half().cpu()
+
+    @torch.no_grad()
+    def text_states(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text tower's token states of ``texts`` (T, n, width) float32 and their (T, n) mask, on the CPU
+        (see :func:`text_tokens`): what a matcher reads of a query."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with autocast(self.device, self.precision):
+            x, mask = text_tokens_by_length(self.model, tokens)
+        return x.float().cpu(), mask.cpu()
+
     @torch.no_grad()
     def encode_images(self, images: Sequence, *, batch_size: int = 256) -> np.ndarray:
         """Embed PIL images (preprocessed here with open_clip's eval transform); returns (N, D) float32."""
@@ -258,3 +280,66 @@ def load_encoder(spec: str | ModelSpec = "clipdex-world", *, device: str = "auto
     ``ARCH:random`` spec gives the same weights on every load (seed :data:`RANDOM_INIT_SEED`), so a collection
     indexed with it can be searched with it."""
     return DualEncoder(build_model(spec, seed=RANDOM_INIT_SEED), device=device, precision=precision)
+
+
+GRID_SIDE = 4  # the stored patch-token grid is GRID_SIDE x GRID_SIDE cells (the image tower's tokens averaged)
+
+
+def has_token_grid(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s image tower is an open_clip VisionTransformer with a square patch grid, the kind
+    :func:`image_tokens` can read patch tokens from."""
+    from open_clip.transformer import VisionTransformer
+
+    v = getattr(model, "visual", None)
+    return type(v) is VisionTransformer and v.attn_pool is None and v.pool_type == "tok"
+
+
+def image_tokens(model: torch.nn.Module, pixels: torch.Tensor, *, side: int = GRID_SIDE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image tower's pooled embedding (B, D), unnormalised, exactly as ``model.encode_image`` gives it, and
+    its final patch tokens (after ``ln_post``) averaged to a ``side`` x ``side`` grid: (B, side * side, width),
+    row-major from the top left. One forward pass gives both."""
+    v = model.visual
+    x = v.transformer(v._embeds(pixels))
+    pooled, tokens = v._pool(x)
+    if v.proj is not None:
+        pooled = pooled @ v.proj
+    b, n, w = tokens.shape
+    g = int(round(n ** 0.5))
+    grid = tokens.transpose(1, 2).reshape(b, w, g, g)
+    grid = F.adaptive_avg_pool2d(grid, side).reshape(b, w, side * side).transpose(1, 2)
+    return pooled, grid
+
+
+def text_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text tower's final hidden states (after ``ln_final``, before the projection) up to the batch's
+    longest caption: (B, n, width), and a (B, n) bool mask that is True on each caption's own tokens (start
+    to end-of-text). Needs open_clip's CLIP with causal attention and end-of-text pooling."""
+    from open_clip.model import CLIP
+
+    if not (type(model) is CLIP and model.text_pool_type == "argmax" and model.attn_mask is not None):
+        raise ModelSpecError("patch-token re-ranking needs an open_clip CLIP text tower (causal, end-of-text pooled)")
+    eot = tokens.argmax(dim=-1)
+    n = int(eot.max()) + 1
+    text = tokens[:, :n]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+    mask = torch.arange(n, device=tokens.device)[None, :] <= eot[:, None]
+    return x, mask
+
+
+def text_tokens_by_length(model: torch.nn.Module, tokens: torch.Tensor, *, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`text_tokens` of many captions, run in chunks of similar length so that one long caption does
+    not pad every other; the same (T, n, width) states and (T, n) mask, in the input order."""
+    eot = tokens.argmax(dim=-1)
+    n = int(eot.max()) + 1 if len(tokens) else 1
+    states = None
+    order = torch.argsort(eot.cpu())
+    for i in range(0, len(order), chunk):
+        idx = order[i:i + chunk].to(tokens.device)
+        x, _ = text_tokens(model, tokens[idx])
+        if states is None:
+            states = torch.zeros((len(tokens), n, x.shape[-1]), dtype=x.dtype, device=x.device)
+        states[idx, : x.shape[1]] = x
+    mask = torch.arange(n, device=tokens.device)[None, :] <= eot[:, None]
+    return states, mask

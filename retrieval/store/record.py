@@ -9,6 +9,15 @@ tables; the tables are always the truth.
 Crash safety: captions are appended before the images they belong to and deleted after them, so the
 images table is the commit point. :meth:`Collection.reconcile` drops captions whose image row is absent,
 which is all a run killed at any moment can leave behind.
+
+Patch-token grids: a collection created with an encoder that gives them (``DualEncoder.has_grid``) has one
+more images column, ``grid``: each image's ``side`` x ``side`` grid of the image tower's final patch tokens
+as the raw bytes of a (cells, width) float16 array, row-major from the top left; the layout is recorded in
+the images table's schema metadata under ``clipdex.grid`` (JSON: side, cells, width, dtype). A cross-
+attention matcher reads them to re-rank a text query's hits (:mod:`clipdex.retrieval.store.rerank`).
+Storage: cells * width * 2 bytes per image; the 4 x 4 fp16 grid of width 256 (clipdex-world) is 8 KiB per
+image, about 7.6 GiB per million images (the 256-d float32 vector is 1 KiB). Collections made before grids
+(no column, no metadata) keep working everywhere; they are searched without re-ranking.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 ENCODER_KEY = b"clipdex.encoder"
 STORE_VERSION_KEY = b"clipdex.store_version"
+GRID_KEY = b"clipdex.grid"  # images-table metadata: the layout of the ``grid`` column (absent: no grids)
 STORE_VERSION = b"1"
 DEFAULT_DB = "clipdex-data/db"
 DEFAULT_COLLECTION = "default"
@@ -47,8 +57,12 @@ _REWRITTEN_FILES = frozenset({"latest_version_hint.json", "_latest.manifest"})  
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
-def images_schema(info: "EncoderInfo") -> pa.Schema:
-    """The images table: one row per indexed file."""
+def images_schema(info: "EncoderInfo", *, grid: dict | None = None) -> pa.Schema:
+    """The images table: one row per indexed file; with a ``grid`` layout (:func:`check_grid_layout`), a
+    ``grid`` column of each image's patch-token grid as raw float16 bytes."""
+    grid = check_grid_layout(grid) if grid is not None else None
+    meta = _metadata(info) | ({GRID_KEY: json.dumps(grid, sort_keys=True).encode()} if grid else {})
+    grid_field = [pa.field("grid", pa.binary(), nullable=False)] if grid else []  # cells * width * 2 bytes
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),  # absolute path (folders) or the manifest's id
         pa.field("path", pa.string(), nullable=False),  # absolute path of the file
@@ -60,7 +74,8 @@ def images_schema(info: "EncoderInfo") -> pa.Schema:
         pa.field("height", pa.int32(), nullable=False),
         pa.field("captions", pa.list_(pa.string()), nullable=False),
         pa.field("vector", pa.list_(pa.float32(), info.embed_dim), nullable=False),
-    ], metadata=_metadata(info))
+        *grid_field,
+    ], metadata=meta)
 
 
 def captions_schema(info: "EncoderInfo") -> pa.Schema:
@@ -75,6 +90,28 @@ def captions_schema(info: "EncoderInfo") -> pa.Schema:
 
 def _metadata(info: "EncoderInfo") -> dict[bytes, bytes]:
     return {ENCODER_KEY: json.dumps(info.as_dict(), sort_keys=True).encode(), STORE_VERSION_KEY: STORE_VERSION}
+
+
+GRID_DTYPE = "float16"
+
+
+def check_grid_layout(layout: dict) -> dict:
+    """A grid layout as the store records it: ``{"side", "cells", "width", "dtype"}`` with cells = side**2
+    and dtype float16 (what ``DualEncoder.encode_image_grid_tensors`` gives); anything else is refused."""
+    try:
+        out = {"side": int(layout["side"]), "cells": int(layout["cells"]), "width": int(layout["width"]),
+               "dtype": str(layout.get("dtype", GRID_DTYPE))}
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"bad patch-token grid layout {layout!r}: need side, cells, width and dtype") from e
+    if out["side"] < 1 or out["cells"] != out["side"] ** 2 or out["width"] < 1 or out["dtype"] != GRID_DTYPE:
+        raise StoreError(f"bad patch-token grid layout {layout!r}: cells must be side**2, width positive and "
+                         f"dtype {GRID_DTYPE}")
+    return out
+
+
+def grid_bytes(layout: dict) -> int:
+    """Bytes one image's grid takes in the ``grid`` column: cells * width * 2 (float16)."""
+    return layout["cells"] * layout["width"] * np.dtype(GRID_DTYPE).itemsize
 
 
 def check_name(name: str) -> str:
@@ -137,15 +174,17 @@ class Database:
             raise StoreError(f"no collection {name!r} in {self.path} (collections: {have})")
         return Collection(self, name)
 
-    def open_or_create(self, name: str, *, info: "EncoderInfo") -> "Collection":
-        """Open ``name``, refusing another encoder, or create it for ``info``."""
+    def open_or_create(self, name: str, *, info: "EncoderInfo", grid: dict | None = None) -> "Collection":
+        """Open ``name``, refusing another encoder, or create it for ``info``; ``grid`` (a layout, see
+        :func:`check_grid_layout`): a new collection stores each image's patch-token grid too. An existing
+        collection keeps the columns it was made with (one made without grids stays without)."""
         check_name(name)
         if name in self.collections():
             col = Collection(self, name)
             col.check_encoder(info, action="append to")
             return col
         self.db.create_table(f"{name}__captions", schema=captions_schema(info), exist_ok=True)
-        self.db.create_table(f"{name}__images", schema=images_schema(info), exist_ok=True)
+        self.db.create_table(f"{name}__images", schema=images_schema(info, grid=grid), exist_ok=True)
         return Collection(self, name)
 
 
@@ -219,6 +258,47 @@ class Collection:
             raise ModelMismatchError(
                 f"cannot {action} collection {self.name!r} with model {info.spec!r}: it was indexed with "
                 f"{have.spec!r} ({detail}). Use --model {have.spec} or another --collection.")
+
+    def grid_layout(self) -> dict | None:
+        """The layout of the images' patch-token grids (side, cells, width, dtype), or None when the
+        collection stores none (made without them, or before clipdex stored them)."""
+        meta = self._images.schema.metadata or {}
+        if GRID_KEY not in meta or "grid" not in self._images.schema.names:
+            return None
+        try:
+            return check_grid_layout(json.loads(meta[GRID_KEY]))
+        except (ValueError, StoreError) as e:
+            raise CorruptStoreError(f"{self.table_folder('images')}: unreadable grid layout in the schema "
+                                    f"metadata ({e}); re-index the collection") from e
+
+    def grids(self, ids: list[str]) -> np.ndarray:
+        """The patch-token grids of these images, in the order asked: (K, cells, width) float16. Raises
+        :class:`StoreError` when the collection stores no grids or an id is not in it."""
+        layout = self.grid_layout()
+        if layout is None:
+            raise StoreError(f"collection {self.name!r} stores no patch-token grids (indexed without them, or by an "
+                             "older clipdex): re-index it into a new collection to store them")
+        ids = list(ids)
+        shape = (layout["cells"], layout["width"])
+        if not ids:
+            return np.zeros((0, *shape), np.float16)
+        t = self.rows(sorted(set(ids)), columns=("id", "grid"))
+        by_id = dict(zip(t["id"].to_pylist(), t["grid"].to_pylist()))
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise StoreError(f"{len(missing)} of the {len(ids)} images asked for are not in collection "
+                             f"{self.name!r} (e.g. {missing[0]!r}): no grid to read")
+        want = grid_bytes(layout)
+        bad = [i for i in ids if by_id[i] is None or len(by_id[i]) != want]
+        if bad:
+            raise CorruptStoreError(
+                f"image {bad[0]!r} of collection {self.name!r} has a grid of "
+                f"{'no' if by_id[bad[0]] is None else len(by_id[bad[0]])} bytes, not {want}: the data is damaged. "
+                f"Run clipdex check --db {self.database.path} --collection {self.name}")
+        out = np.empty((len(ids), *shape), np.float16)
+        for k, i in enumerate(ids):
+            out[k] = np.frombuffer(by_id[i], dtype=np.float16).reshape(shape)
+        return out
 
     def count(self, table: str = "images") -> int:
         """Number of rows of ``table`` ('images' or 'captions')."""

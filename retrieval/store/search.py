@@ -12,6 +12,12 @@ with filters (``path_glob``, ``where`` over the columns in
 :data:`clipdex.retrieval.store.record.FILTER_COLUMNS`) it goes to LanceDB
 with the filter applied before the vector search, so k results come back whenever k rows match. Scores
 are cosine similarities. The encoder is the one recorded in the collection; another is refused.
+
+Re-ranking (text->image): when the collection stores patch-token grids and the model has a matcher
+(:mod:`clipdex.retrieval.store.rerank`), ``search_text`` takes the dual encoder's top max(K, k) hits
+(K = ``rerank``, :data:`DEFAULT_RERANK` by default, 0 off), orders them by the matcher's probability
+(``Hit.match``) and returns the first k; ``Hit.score`` stays the cosine. Without grids or a matcher the
+dual encoder's order is kept, and :meth:`SearchCollection.rerank_info` says why.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ from clipdex.retrieval.store.record import (
     Collection,
     Database,
 )
+from clipdex.retrieval.store.rerank import (
+    DEFAULT_RERANK,
+    RerankInfo,
+    find_matcher,
+    load_matcher_for,
+    match_probabilities,
+    matcher_path,
+    resolve_rerank,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +60,9 @@ logger = logging.getLogger(__name__)
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs a microsecond per field
 class Hit:
     """One result: ``path`` is set for images, ``caption`` (and ``image_id``) for captions; ``extra`` holds
-    the further columns the search was asked for (``columns=``), by name (None: the row is gone)."""
+    the further columns the search was asked for (``columns=``), by name (None: the row is gone).
+    ``score`` is the dual encoder's cosine; ``match`` the matcher's probability when the hit was re-ranked
+    (None otherwise)."""
 
     rank: int
     id: str
@@ -54,11 +71,12 @@ class Hit:
     caption: str | None = None
     image_id: str | None = None
     extra: dict | None = None
+    match: float | None = None
 
     def as_dict(self) -> dict:
-        """The JSON shape: rank, id, path, caption, score (and image_id for captions)."""
+        """The JSON shape: rank, id, path, caption, score, match (and image_id for captions)."""
         return {"rank": self.rank, "id": self.id, "path": self.path, "caption": self.caption,
-                "score": self.score} | ({"image_id": self.image_id} if self.image_id else {})
+                "score": self.score, "match": self.match} | ({"image_id": self.image_id} if self.image_id else {})
 
 
 SCORE_LIMIT = 1.01  # cosine of unit vectors, with float error: a score beyond it can only come from damaged data
@@ -84,11 +102,17 @@ def glob_to_like(pattern: str) -> str:
 
 
 class SearchCollection:
-    """A collection opened for search, with its encoder and FAISS indexes loaded on first use."""
+    """A collection opened for search, with its encoder, FAISS indexes and matcher loaded on first use.
+
+    ``matcher``: a matcher file to re-rank text queries with instead of the one beside the model's weights
+    (:func:`clipdex.retrieval.store.rerank.find_matcher`); an explicit file that cannot be used is an error,
+    a found one is skipped with a warning and the reason in :meth:`rerank_info`."""
 
     def __init__(self, collection: Collection, *, model: str | None = None, device: str = "auto",
-                 index_config: IndexConfig = IndexConfig(), encoder=None):
+                 index_config: IndexConfig = IndexConfig(), encoder=None, matcher: str | Path | None = None):
         self.collection = collection
+        self._matcher_file = Path(matcher) if matcher is not None else None
+        self._matcher = None  # (LoadedMatcher or None, reason or None), once looked for
         self.info = collection.encoder_info()
         self.device = device
         self.index_config = index_config
@@ -142,10 +166,74 @@ class SearchCollection:
         return self.encoder.encode_images([im])[0]
 
     def search_text(self, text: str, *, k: int = 10, min_score: float | None = None, where: str | None = None,
-                    path_glob: str | None = None) -> list[Hit]:
-        """Images best described by ``text`` (blank text is refused)."""
-        return self.search_vector(self.embed_text(text), table="images", k=k, min_score=min_score, where=where,
+                    path_glob: str | None = None, rerank: int | None = None) -> list[Hit]:
+        """Images best described by ``text`` (blank text is refused). ``rerank`` K (None:
+        :data:`DEFAULT_RERANK`, 0: off): when the collection has grids and the model a matcher, the dual
+        encoder's top max(K, k) hits (filters and ``min_score`` on the cosine applied first) are ordered by
+        the matcher's probability (each hit's ``match``) and the first k returned; otherwise the dual
+        encoder's top k, ``match`` None (:meth:`rerank_info` says why)."""
+        depth = resolve_rerank(rerank)
+        vector = self.embed_text(text)
+        if not depth or not self.rerank_info(depth).used:
+            return self.search_vector(vector, table="images", k=k, min_score=min_score, where=where,
+                                      path_glob=path_glob)
+        hits = self.search_vector(vector, table="images", k=max(k, depth), min_score=min_score, where=where,
                                   path_glob=path_glob)
+        return self._rerank(text, hits)[:k]
+
+    def rerank_info(self, rerank: int | None = None) -> RerankInfo:
+        """Whether a text search with this ``rerank`` depth is re-ranked, and if not, why (the matcher is
+        looked for and loaded on the first call)."""
+        depth = resolve_rerank(rerank)
+        if not depth:
+            return RerankInfo(0, False, "re-ranking is off (rerank 0)")
+        matcher, reason = self._reranker()
+        return RerankInfo(depth, matcher is not None, reason)
+
+    def _reranker(self):
+        """(the loaded matcher, None), or (None, why there is none), looked for once."""
+        if self._matcher is None:
+            self._matcher = self._find_reranker()
+        return self._matcher
+
+    def _find_reranker(self):
+        layout = self.collection.grid_layout()
+        if layout is None:
+            return None, (f"collection {self.collection.name!r} stores no patch-token grids (indexed without them, "
+                          "or by an older clipdex): re-index it into a new collection to re-rank")
+        enc = self.encoder
+        if self._matcher_file is not None:
+            return load_matcher_for(enc, self._matcher_file, grid=layout), None  # asked for by name: errors raise
+        path = find_matcher(enc)
+        if path is None:
+            where = matcher_path(enc.loaded.spec)
+            return None, (f"model {enc.info.spec!r} has no matcher"
+                          + (f" (none at {where})" if where else " (only local weights files have one)"))
+        try:
+            return load_matcher_for(enc, path, grid=layout), None
+        except ClipdexError as e:
+            logger.warning("not re-ranking with %s: %s", path, e)
+            return None, str(e)
+
+    def _rerank(self, text: str, hits: list[Hit]) -> list[Hit]:
+        """``hits`` re-ordered by the matcher's probability (ties keep the dual encoder's order), re-numbered,
+        each with its ``match``."""
+        matcher, _ = self._reranker()
+        probs = match_probabilities(matcher, self.encoder, text, self.collection.grids([h.id for h in hits]))
+        possible = (probs >= 0.0) & (probs <= 1.0)  # False for NaN too
+        if not possible.all():
+            bad = hits[int(np.argmin(possible))].id
+            raise CorruptStoreError(
+                f"the matcher gave image {bad!r} of {self.collection.name} an impossible probability: its stored grid "
+                f"is damaged. Run clipdex check --db {self.collection.database.path} --collection "
+                f"{self.collection.name}, or search with rerank 0")
+        order = sorted(range(len(hits)), key=lambda i: -probs[i])  # sorted is stable
+        out = []
+        for rank, i in enumerate(order, 1):
+            h = hits[i]
+            h.rank, h.match = rank, float(probs[i])
+            out.append(h)
+        return out
 
     def search_image(self, image, *, k: int = 10, min_score: float | None = None, where: str | None = None,
                      path_glob: str | None = None) -> list[Hit]:
@@ -218,6 +306,11 @@ class SearchCollection:
 
 
 def open_collection(db: str | Path, *, collection: str = DEFAULT_COLLECTION, model: str | None = None,
-                    device: str = "auto", index_config: IndexConfig = IndexConfig()) -> SearchCollection:
+                    device: str = "auto", index_config: IndexConfig = IndexConfig(),
+                    matcher: str | Path | None = None) -> SearchCollection:
     """Open a collection of a database folder for search (the encoder loads on the first query)."""
-    return SearchCollection(Database(db).open(collection), model=model, device=device, index_config=index_config)
+    return SearchCollection(Database(db).open(collection), model=model, device=device, index_config=index_config,
+                            matcher=matcher)
+
+
+__all__ = ["DEFAULT_RERANK", "SCORE_LIMIT", "Hit", "RerankInfo", "SearchCollection", "glob_to_like", "open_collection"]

@@ -41,6 +41,7 @@ class CounterfactualConfig:
     image_size: int = 128  # rendered as the world renders its images; the model's preprocessing resizes
     object_probs: tuple[float, ...] = (0.15, 0.45, 0.25, 0.15)
     relation_prob: float = 0.7
+    count_prob: float = 0.0  # share of captions in the world's "count" form (objects named, no position)
     seed: int = 0
 
     @property
@@ -71,7 +72,9 @@ def layout_variants(scene: Scene, rng: np.random.Generator, *, count: int) -> li
     return out
 
 
-def _form(n_objects: int, rng: np.random.Generator, relation_prob: float) -> str:
+def _form(n_objects: int, rng: np.random.Generator, relation_prob: float, count_prob: float = 0.0) -> str:
+    if count_prob and rng.random() < count_prob:
+        return "count"
     return "relation" if n_objects >= 2 and rng.random() < relation_prob else "list"
 
 
@@ -89,6 +92,8 @@ class CounterfactualBatch:
     foil_kinds: list[str]
     objects: list[list[dict]]  # each scene's objects as the manifest's attributes.objects (layout targets)
     claims: list[list[dict]]  # each caption's claims
+    group: list[int]  # each image's group (group-mates share objects and differ in layout)
+    scenes: list[Scene]
 
 
 class CounterfactualBatches(torch.utils.data.Dataset):
@@ -126,7 +131,8 @@ class CounterfactualBatches(torch.utils.data.Dataset):
         images, texts, claims, foils, foil_owner, foil_kinds = [], [], [], [], [], []
         for i, scene in enumerate(scenes):
             images.append(self.transform(render_scene(scene, size=cfg.image_size, rng=rng)))
-            cap = make_captions(scene, rng, n=1, forms=[_form(len(scene.objects), rng, cfg.relation_prob)])[0]
+            form = _form(len(scene.objects), rng, cfg.relation_prob, cfg.count_prob)
+            cap = make_captions(scene, rng, n=1, forms=[form])[0]
             texts.append(cap.text)
             claims.append(cap.claims)
             for kind, text, _ in cap.foils if self.hard_negatives else ():
@@ -143,7 +149,7 @@ class CounterfactualBatches(torch.utils.data.Dataset):
             images=torch.stack(images), captions=self.tokenizer(texts),
             foils=self.tokenizer(foils) if foils else None, foil_owner=torch.tensor(foil_owner, dtype=torch.long),
             also_true=also_true, texts=texts, foil_kinds=foil_kinds,
-            objects=[s.to_attributes()["objects"] for s in scenes], claims=claims)
+            objects=[s.to_attributes()["objects"] for s in scenes], claims=claims, group=group, scenes=scenes)
 
 
 
