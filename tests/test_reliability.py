@@ -136,8 +136,15 @@ def _data_file(db: Path, table: str) -> Path:
     return files[-1]
 
 
-def test_damaged_lance_data_is_found_by_check_and_never_shown_as_a_score(db):
-    """Defect 3: random bytes inside a .lance data file: no error anywhere, filtered searches scored 6e37."""
+def test_damaged_lance_data_is_found_by_check_and_never_shown_as_a_score(tmp_path, tiny_world):
+    """Defect 3: random bytes inside a .lance data file: no error anywhere, filtered searches scored 6e37.
+    Indexed without patch-token grids, so that the damaged middle of the file is vectors, not grid bytes (a
+    search that reads no grid cannot see damage to them; clipdex check does, as for every byte)."""
+    from clipdex.indexer.runner import IndexSettings, run_index
+
+    db = tmp_path / "db"
+    run_index(IndexSettings(source=str(tiny_world), split="corpus", db=str(db), collection="world", grids=False),
+              progress=False)
     data = _data_file(db, "images")
     _overwrite_middle(data, fraction=0.6)
     p = run_cli("check", "--db", str(db), check=False)
