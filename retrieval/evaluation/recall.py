@@ -55,6 +55,17 @@ def embed_unique_texts(encoder: DualEncoder, texts: list[str]) -> tuple[np.ndarr
     return encoder.encode_texts(list(uniq)), inverse
 
 
+def gallery_captions(g: Pairs) -> tuple[list[str], list[int], dict[tuple[int, int], int]]:
+    """Every caption of ``g`` in order, each one's image, and (image, caption index) -> its position."""
+    texts, owner, cap_pos = [], [], {}
+    for i, caps in enumerate(g.captions):
+        for j, c in enumerate(caps):
+            cap_pos[(i, j)] = len(texts)
+            texts.append(c)
+            owner.append(i)
+    return texts, owner, cap_pos
+
+
 @dataclass
 class GalleryEmbeddings:
     """A gallery embedded once: images, every caption (with its owner image) and the foils."""
@@ -75,12 +86,7 @@ def embed_gallery(encoder: DualEncoder, pairs: Pairs, *, gallery: int = 1000,
     """Embed the first ``gallery`` images of ``pairs``, their captions and their foils."""
     g = pairs.head(gallery)
     img = embed_pairs_images(encoder, g, workers=workers)
-    texts, owner, cap_pos = [], [], {}
-    for i, caps in enumerate(g.captions):
-        for j, c in enumerate(caps):
-            cap_pos[(i, j)] = len(texts)
-            texts.append(c)
-            owner.append(i)
+    texts, owner, cap_pos = gallery_captions(g)
     foil_items = [(i, f["caption_index"], f["kind"], f["text"], foil_kind(g, i, f)) for i, fs in enumerate(g.foils)
                   for f in fs if (i, f["caption_index"]) in cap_pos]
     uniq_emb, inverse = embed_unique_texts(encoder, texts + [f[3] for f in foil_items])

@@ -16,7 +16,7 @@ import torch
 
 from clipdex.data_manifests.pairs import Pairs
 from clipdex.metrics import DEFAULT_KS, recall_at
-from clipdex.retrieval.evaluation.recall import foil_accuracy_by_kind, foil_kind
+from clipdex.retrieval.evaluation.recall import foil_accuracy_by_kind, foil_kind, gallery_captions
 from clipdex.retrieval.models.encoder import DualEncoder
 from clipdex.retrieval.models.images import iter_image_batches
 from clipdex.retrieval.models.matcher import Matcher
@@ -60,12 +60,7 @@ def evaluate_rerank(encoder: DualEncoder, matcher: Matcher, pairs: Pairs, *, gal
     ``rerank`` section of ``clipdex eval retrieval --json``)."""
     g = pairs.head(gallery)
     img, grids = gallery_grids(encoder, g, workers=workers)
-    texts, owner, cap_pos = [], [], {}
-    for i, caps in enumerate(g.captions):
-        for j, c in enumerate(caps):
-            cap_pos[(i, j)] = len(texts)
-            texts.append(c)
-            owner.append(i)
+    texts, owner, cap_pos = gallery_captions(g)
     owner = np.asarray(owner)
     foils = [(i, f["caption_index"], f["text"], foil_kind(g, i, f)) for i, fs in enumerate(g.foils) for f in fs
              if (i, f["caption_index"]) in cap_pos]
