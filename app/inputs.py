@@ -20,7 +20,7 @@ from PIL import Image
 from clipdex.exceptions import ClipdexError, StoreError
 from clipdex.indexer.reader import SourceItem, SourceListing
 from clipdex.retrieval.models.images import decode_image
-from clipdex.retrieval.store.record import check_name
+from clipdex.retrieval.store.schema import check_name
 
 OUTSIDE = "a link out of the folders this app may open (not followed)"
 

@@ -19,10 +19,11 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import ensure_world
 
 DEFAULT_MODELS = "clipdex-world,ViT-B-32:random"
 DEFAULT_IMAGES = "clipdex-world=2000,ViT-B-32:random=400,2000"
@@ -49,24 +50,6 @@ def parse_counts(text: str, *, models: list[str]) -> dict[str, int]:
             raise SystemExit(f"--images: no image count for model {m!r} (give {m}=N or a bare N)")
         out[m] = n
     return out
-
-
-def ensure_world(*, work: Path, images: int, seed: int, size: int) -> Path:
-    """A world folder of ``images`` test images under ``work`` (generated once, then reused); returns images/."""
-    out = work / f"world-n{images}-s{seed}-px{size}"
-    meta = out / "world.json"
-    if meta.is_file():
-        cfg = json.loads(meta.read_text()).get("config", {})
-        if cfg.get("test") == images and cfg.get("image_size") == size and cfg.get("seed") == seed:
-            return out / "images"
-    clipdex = Path(sys.executable).with_name("clipdex")
-    cmd = [str(clipdex), "world", "generate", "--out", str(out), "--seed", str(seed), "--train", "0", "--test",
-           str(images), "--corpus", "0", "--landmarks", "0", "--views", "0", "--captions", "1", "--size", str(size),
-           "--no-progress", "--overwrite"]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    print(f"generated {images} images in {out} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    return out / "images"
 
 
 def encoder_only(*, model: str, folder: Path, batch_size: int, warmup: int) -> dict:

@@ -18,7 +18,6 @@ import gc
 import json
 import math
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import captions, machine, pct, set_threads
 
 
 def mixture(*, centres: np.ndarray, count: int, noise: float, rng: np.random.Generator) -> np.ndarray:
@@ -45,7 +45,7 @@ def ensure_collection(*, db, name: str, info, size: int, centres: np.ndarray, no
     """
     import pyarrow as pa
 
-    from clipdex.retrieval.store.record import images_schema
+    from clipdex.retrieval.store.schema import images_schema
 
     if name in db.collections():
         col = db.open(name)
@@ -67,22 +67,6 @@ def ensure_collection(*, db, name: str, info, size: int, centres: np.ndarray, no
                 pa.FixedSizeListArray.from_arrays(pa.array(vec.reshape(-1)), info.embed_dim)]
         col.append(pa.Table.from_arrays(cols, schema=schema), None)
     return col, time.perf_counter() - t0
-
-
-def captions(*, n: int, seed: int) -> list[str]:
-    """``n`` world-style captions, e.g. 'a red circle left of a blue star'."""
-    from clipdex.data_manifests.world.vocab import (
-        COLOURS,
-        RELATION_WORDS,
-        SHAPES,
-        SPATIAL_RELATIONS,
-    )
-
-    rng = np.random.default_rng(seed)
-    col, rel = list(COLOURS), [w for r in SPATIAL_RELATIONS for w in RELATION_WORDS[r]]
-    pick = lambda xs: xs[rng.integers(len(xs))]  # noqa: E731
-    return [f"a {pick(['', 'small ', 'large '])}{pick(col)} {pick(SHAPES)} {pick(rel)} a {pick(col)} {pick(SHAPES)}"
-            for _ in range(n)]
 
 
 def memory_mb() -> dict:
@@ -109,11 +93,6 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def pct(xs: list[float]) -> dict:
-    """p50 and p95 of seconds, in milliseconds."""
-    return {"p50_ms": float(np.percentile(xs, 50) * 1e3), "p95_ms": float(np.percentile(xs, 95) * 1e3)}
 
 
 def _load_in_child(db_path: str, name: str, config: dict) -> dict:
@@ -249,9 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     from clipdex.retrieval.store.faiss_index import IndexConfig
     from clipdex.retrieval.store.record import Database
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        faiss.omp_set_num_threads(args.threads)
+    set_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     db_path = Path(args.work) / "search-db"
     if args.fresh:
@@ -294,9 +271,7 @@ def main(argv: list[str] | None = None) -> int:
           f"IVF: nlist = {rule}, nprobe {args.nprobe}, trained on min(N, 64 * nlist) vectors. torch threads "
           f"{torch.get_num_threads()}, FAISS threads {faiss.omp_get_max_threads()}, cores {os.cpu_count()}.")
     report = {"benchmark": "search_latency", "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv[1:],
-              "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "faiss": faiss.__version__, "torch_threads": torch.get_num_threads(),
-                          "faiss_threads": faiss.omp_get_max_threads()},
+              "machine": machine(),
               "data": {"dim": info.embed_dim, "centres": args.centres, "noise": args.noise, "seed": args.seed,
                        "queries": args.queries, "k": args.k, "example_captions": texts[:5]},
               "results": rows}

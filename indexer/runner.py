@@ -28,14 +28,9 @@ from clipdex.retrieval.models.images import DEFAULT_MAX_PIXELS
 from clipdex.retrieval.store.faiss_index import IndexConfig, load_for, remove_unreferenced
 from clipdex.retrieval.store.integrity import record_checksums
 from clipdex.retrieval.store.lock import writer_lock
-from clipdex.retrieval.store.record import (
-    DEFAULT_COLLECTION,
-    DEFAULT_DB,
-    Collection,
-    Database,
-    check_name,
-)
+from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB, Collection, Database
 from clipdex.retrieval.store.rerank import grid_layout_for
+from clipdex.retrieval.store.schema import check_name
 
 logger = logging.getLogger(__name__)
 

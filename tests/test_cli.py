@@ -57,6 +57,11 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
     assert sum(e["results"][0]["hit"] for e in t2i) >= 2  # held-out captions find their own image first
     assert (tmp_path / "w" / "manifest.parquet").exists()
     assert out["index"]["counts"]["images_in_collection"] == 104  # 100 corpus scenes + 4 landmarks, indexed
+    sp = out["spatial"]  # twin scenes that only position tells apart, each caption false of its twin
+    assert sp["queries"] == 80 and 0 <= sp["dual_top1"] <= 80
+    assert (sp["rerank_top1"] is None) == (not sp["rerank"]["used"])
+    if sp["example"]:
+        assert [r["hit"] for r in sp["example"]["reranked"]][0] and not sp["example"]["dual"][0]["hit"]
     assert [a["question"] for a in out["ask"]] == ["when was it built?", "who built it?"]
     for a in out["ask"]:  # grounded: the item the answer rests on is the landmark whose caption states the fact
         assert a["answer"] and len(a["evidence"]) == 5

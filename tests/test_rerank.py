@@ -147,7 +147,8 @@ def test_rerank_orders_the_top_k_by_match_and_keeps_the_cosine(world, matcher_fi
     # the reference: the matcher itself, on the stored grids of the dual encoder's top 50
     m = load_matcher(matcher_file).model
     states, mask = world.enc.text_states([q])
-    probs = match_scores(m, states, mask, torch.from_numpy(world.col.grids([h.id for h in dual]))).numpy()
+    probs = match_scores(m, states, mask, torch.from_numpy(world.col.grids([h.id for h in dual])),
+                         torch.tensor([h.score for h in dual])).numpy()
     want = [dual[i].id for i in np.argsort(-probs, kind="stable")[:10]]
     assert [h.id for h in hits] == want
     assert [h.match for h in hits] == pytest.approx(sorted(probs, reverse=True)[:10], abs=1e-6)
@@ -221,3 +222,16 @@ def test_search_cli_json_says_whether_it_reranked(world, matcher_file, monkeypat
     assert table.splitlines()[0].split() == ["rank", "match", "score", "path"]
     bad = run_cli(*base, "--rerank", "-1", check=False)
     assert bad.returncode == 2 and "--rerank" in bad.stderr
+
+
+def test_text_query_gives_the_embedding_and_the_token_features_in_one_pass(world):
+    q = world.pairs.captions[3][0]
+    emb, states, mask = world.enc.text_query(q)
+    np.testing.assert_allclose(emb, world.enc.encode_texts([q])[0], atol=1e-5)
+    want_states, want_mask = world.enc.text_states([q])
+    assert torch.equal(mask, want_mask) and states.shape == want_states.shape
+    torch.testing.assert_close(states, want_states, atol=1e-5, rtol=1e-5)
+    width = world.enc.model.ln_final.normalized_shape[0]
+    assert states.shape[-1] == 2 * width  # the final states, then the token embeddings
+    tokens = world.enc.tokenizer([q])[0, : states.shape[1]]
+    torch.testing.assert_close(states[0, :, width:], world.enc.model.token_embedding(tokens).float())

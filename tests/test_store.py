@@ -11,7 +11,8 @@ import pytest
 
 from clipdex.exceptions import ClipdexError, StoreError
 from clipdex.retrieval.store.faiss_index import load_for
-from clipdex.retrieval.store.record import FILTER_COLUMNS, Database
+from clipdex.retrieval.store.record import Database
+from clipdex.retrieval.store.schema import FILTER_COLUMNS
 from clipdex.retrieval.store.search import SearchCollection
 
 DIM = 16

@@ -96,12 +96,102 @@ def search_examples(search, *, pairs, k: int) -> list[dict]:
     return examples
 
 
+SPATIAL_COLLECTION = "demo-spatial"
+SPATIAL_PAIRS = 40  # two-object scenes, each beside its twin with the two objects' cells swapped
+
+
+def spatial_world(world_dir: Path, *, pairs: int = SPATIAL_PAIRS) -> Path:
+    """A small collection that only position can search: ``pairs`` two-object scenes, each beside its twin
+    with the objects' cells swapped, each with the caption that states its relation, false of the twin (the
+    spatial probe's ``swap`` groups, :mod:`clipdex.retrieval.evaluation.spatial_probe`). Written once;
+    returns its manifest."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipdex.data_manifests.world.claims import satisfies
+    from clipdex.retrieval.evaluation.spatial_probe import SpatialProbeConfig, build_group
+
+    folder = world_dir / "spatial"
+    manifest = folder / "manifest.parquet"
+    if manifest.exists():
+        return manifest
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, g = [], 0
+    while len(rows) < 2 * pairs:
+        group = build_group("swap", g, config=SpatialProbeConfig(seed=DEMO_SEED))
+        g += 1
+        if satisfies(group.claims[0], group.scenes[1]) or satisfies(group.claims[1], group.scenes[0]):
+            continue  # a size relation ("larger than") holds for both twins: position cannot decide it
+        p = len(rows) // 2
+        for v, (image, text) in enumerate(zip(group.images, group.texts)):
+            name = f"pair{p:02d}-{'ab'[v]}.png"
+            image.save(folder / name)
+            rows.append({"id": name, "path": name, "captions": [text], "pair": p})
+    pq.write_table(pa.Table.from_pylist(rows), manifest)
+    return manifest
+
+
+def spatial_examples(search, *, manifest: Path) -> dict:
+    """Each twin's caption queries the spatial collection, the dual encoder's order against the re-ranked
+    one: how often the right twin comes first each way, and the first query the re-ranker gets right where
+    the dual encoder does not (the two images differ only in where the objects are)."""
+    from clipdex.data_manifests.pairs import load_pairs
+
+    pairs = load_pairs(manifest)
+    info = search.rerank_info()
+    out = {"queries": len(pairs.ids), "dual_top1": 0, "rerank_top1": None, "rerank": info.as_dict(), "example": None}
+    if info.used:
+        out["rerank_top1"] = 0
+    for i, caps in enumerate(pairs.captions):
+        twin = pairs.ids[i ^ 1]  # rows come in twin pairs: a, b
+        dual = search.search_text(caps[0], k=2, rerank=0)
+        dual_ok = dual[0].id == pairs.ids[i]
+        out["dual_top1"] += dual_ok
+        if not info.used:
+            continue
+        ranked = search.search_text(caps[0], k=2)
+        rerank_ok = ranked[0].id == pairs.ids[i]
+        out["rerank_top1"] += rerank_ok
+        if rerank_ok and not dual_ok and out["example"] is None:
+            cos = {h.id: h.score for h in dual}
+            out["example"] = {"query": caps[0], "expected": str(pairs.paths[i]), "twin": str(pairs.paths[i ^ 1]),
+                              "twin_caption": pairs.captions[i ^ 1][0],
+                              "dual": [{"path": h.path, "score": h.score, "hit": h.id == pairs.ids[i]} for h in dual],
+                              "reranked": [{"path": h.path, "score": cos.get(h.id, h.score), "match": h.match,
+                                            "hit": h.id == pairs.ids[i]} for h in ranked],
+                              "twin_id": twin}
+    return out
+
+
+def _print_spatial(sp: dict) -> None:
+    n = sp["queries"]
+    print(f"[where things are] {n // 2} two-object scenes, each beside its twin with the objects swapped "
+          f"(collection {SPATIAL_COLLECTION!r}); each caption queries all {n} images:")
+    print(f"   the dual encoder alone puts the right twin first for {sp['dual_top1']} of {n} (chance: half)")
+    if sp["rerank_top1"] is None:
+        print(f"   no re-ranking: {sp['rerank']['reason']}")
+        print()
+        return
+    print(f"   re-ranked by the matcher (top {sp['rerank']['k']}): {sp['rerank_top1']} of {n}")
+    ex = sp["example"]
+    if ex:
+        print(f"   e.g. {ex['query']}")
+        print(f"        its twin's caption: {ex['twin_caption']}")
+        for r in ex["dual"]:
+            print(f"      dual encoder  {r['score']:.3f}  {r['path']}{'   <- right' if r['hit'] else ''}")
+        for r in ex["reranked"]:
+            print(f"      re-ranked     match {r['match']:.3f} (cosine {r['score']:.3f})  {r['path']}"
+                  f"{'   <- right' if r['hit'] else ''}")
+    print()
+
+
 def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str, gallery: int = 1000,
              as_json: bool = False, k: int = 3) -> int:
     """Run the demo and print what it finds (a report, or JSON with ``as_json``); returns the exit code."""
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.indexer.runner import IndexSettings, run_index
     from clipdex.retrieval.evaluation.collection import evaluate_collection
+    from clipdex.retrieval.models.encoder import load_encoder
     from clipdex.retrieval.store.record import Database
     from clipdex.retrieval.store.search import SearchCollection
 
@@ -109,18 +199,24 @@ def run_demo(*, world_dir: str | Path, db: str | Path | None = None, model: str,
     world_dir = Path(world_dir)
     manifest = ensure_world(world_dir, gallery=gallery)
     db = Path(db) if db else world_dir / "db"
+    encoder = load_encoder(model)  # one load for indexing, search, the spatial collection and recall
     summary = run_index(IndexSettings(source=str(manifest), split="corpus", db=str(db), collection=DEMO_COLLECTION,
-                                      model=model), progress=not as_json)
+                                      model=model), progress=not as_json, encoder=encoder)
     collection = Database(db).open(DEMO_COLLECTION)
-    search = SearchCollection(collection)
+    search = SearchCollection(collection, encoder=encoder)
     pairs = load_pairs(manifest, split="corpus")
     examples = search_examples(search, pairs=pairs, k=k)
     asked = ask_examples(search, world_dir=world_dir, manifest=manifest)
-    recall = evaluate_collection(collection, pairs, gallery=len(pairs), model=model)
+    spatial_manifest = spatial_world(world_dir)
+    run_index(IndexSettings(source=str(spatial_manifest), db=str(db), collection=SPATIAL_COLLECTION, model=model,
+                            workers=0), progress=False, encoder=encoder)  # 80 small PNGs: decode in-process
+    spatial = spatial_examples(SearchCollection(Database(db).open(SPATIAL_COLLECTION), encoder=encoder),
+                               manifest=spatial_manifest)
+    recall = evaluate_collection(collection, pairs, gallery=len(pairs), model=model, encoder=encoder)
     out = {"model": model, "world": str(manifest), "db": str(db), "collection": DEMO_COLLECTION,
            "index": {"counts": summary["counts"], "images_per_s": summary["images_per_s"],
                      "seconds": summary["seconds"]},
-           "recall": recall, "examples": examples, "ask": asked, "seconds": round(time.time() - t0, 1)}
+           "recall": recall, "examples": examples, "spatial": spatial, "ask": asked, "seconds": round(time.time() - t0, 1)}
     if as_json:
         print(json.dumps(out))
     else:
@@ -141,6 +237,7 @@ def print_report(out: dict) -> None:
         print(f"already indexed ({c['unchanged']} unchanged)")
     print()
     _print_examples(out["examples"])
+    _print_spatial(out["spatial"])
     asked = out["ask"]
     if asked:
         _print_answers(asked)

@@ -1,5 +1,6 @@
-"""``clipdex eval retrieval|oracle|answer``: a model's or a collection's recall, the attribute oracle's recall,
-and grounded answering, each printed as a table or JSON."""
+"""``clipdex eval retrieval|oracle|spatial|answer``: a model's or a collection's recall (and the text-only foil
+baseline), the attribute oracle's recall, the spatial probe, and grounded answering, each printed as a table or
+JSON."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ EVAL_SEED = 424242  # the evaluation world: never the decoder's training seed (1
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``eval`` (``retrieval``, ``oracle``, ``answer``) to the ``clipdex`` parser."""
+    """Add ``eval`` (``retrieval``, ``oracle``, ``spatial``, ``answer``) to the ``clipdex`` parser."""
     p = sub.add_parser("eval", help="evaluate retrieval (a model, a collection, the oracle) or grounded answering",
                        description="Measure recall@1/5/10 both ways and foil accuracy on a manifest split (a model, "
                        "an indexed collection, or the attribute oracle), or the built-in decoder's grounded "
@@ -30,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "against each scene. Same gallery, same pessimistic ties and same JSON as eval retrieval.")
     _eval_args(o)
     o.set_defaults(func=_eval_oracle)
+    _add_eval_spatial(esub)
     _add_eval_answer(esub)
 
 
@@ -37,7 +39,8 @@ def _add_eval_retrieval(esub: argparse._SubParsersAction) -> None:
     r = esub.add_parser("retrieval", help="a model's held-out recall and foil accuracy",
                         description="Embed the first --gallery images of --split and all their captions; report "
                         "recall@1/5/10 text->image and image->text (ties count against the model) and foil "
-                        "accuracy. JSON keys: model, gallery, t2i, i2t, foil.",
+                        "accuracy. JSON keys: model, gallery, t2i, i2t, foil (and rerank with a matcher, "
+                        "foil_text_only with --text-baseline).",
                         epilog="example:\n  clipdex eval retrieval --model clipdex-world \\\n"
                         "      --manifest worlds/demo/manifest.parquet --split test --gallery 1000 --json")
     r.add_argument("--model", default=None,
@@ -53,9 +56,41 @@ def _add_eval_retrieval(esub: argparse._SubParsersAction) -> None:
                    help="with a matcher: re-rank each query's top K (0: do not measure re-ranking)")
     r.add_argument("--rerank-queries", type=int_at_least(1), default=2000, metavar="N",
                    help="text queries re-ranked (the first N captions; each costs K matcher passes)")
+    r.add_argument("--text-baseline", action="store_true",
+                   help="also score each foil with no image, by a trigram model of the training world's captions "
+                   "(the foils are only a fair test if it stays near 0.5); adds 'foil_text_only'")
+    r.add_argument("--text-baseline-scenes", type=int_at_least(1), default=20000, metavar="N",
+                   help="with --text-baseline: training scenes (world seed 0) whose captions it learns "
+                   "(about 1-3 ms each)")
     r.add_argument("--device", default="auto", help=DEVICE_HELP)
     r.add_argument("--workers", type=int, default=None, metavar="N", help=WORKERS_HELP)
     r.set_defaults(func=_eval_retrieval)
+
+
+def _add_eval_spatial(esub: argparse._SubParsersAction) -> None:
+    # the defaults are SpatialProbeConfig's (tests/test_eval_probes.py checks), written out so that building
+    # the parser does not import torch
+    p = esub.add_parser(
+        "spatial", help="the spatial probe: recall@1 among scenes that differ only in where things are",
+        description="Draw groups of scenes that differ only in position (lone: one object in each of the nine "
+        "cells; swap: two objects and their twin with the cells swapped; moved: 2-4 objects in other cells), "
+        "render them as the world does and query each image's group with each variant's caption. Recall@1 "
+        "within the group (chance 1/variants; ties count against the model; a caption also true of another "
+        "variant is right on either, and one true of every variant is excluded), text->image and image->text. "
+        "JSON keys: model, seed, probes, image_size, kinds{lone,swap,moved}, rerank (with a matcher), seconds.",
+        epilog="example:\n  clipdex eval spatial --model clipdex-world --probes 200 --json")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the encoder, a {SPEC_HELP}")
+    p.add_argument("--probes", type=int_at_least(1), default=200, metavar="N", help="groups per kind")
+    p.add_argument("--seed", type=int, default=5,
+                   help="seed of the probe's scenes; keep it apart from the encoder's training seed (0)")
+    p.add_argument("--kinds", default="lone,swap,moved", metavar="LIST", help="comma-separated probe kinds")
+    p.add_argument("--matcher", default=None, metavar="FILE",
+                   help="also score with this matcher (default: the one beside the model's weights, if any); "
+                   "adds a 'rerank' section")
+    p.add_argument("--no-matcher", action="store_true", help="do not score with a matcher even if there is one")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_eval_spatial)
 
 
 def _add_eval_answer(esub: argparse._SubParsersAction) -> None:
@@ -119,6 +154,11 @@ def _eval_retrieval(args) -> int:
 
             result["rerank"] = evaluate_rerank(enc, matcher, pairs, gallery=args.gallery, k=args.rerank,
                                                queries=args.rerank_queries, workers=args.workers)
+    if args.text_baseline:
+        from clipdex.retrieval.evaluation.text_baseline import TextBaselineConfig, evaluate_text_baseline
+
+        result["foil_text_only"] = evaluate_text_baseline(
+            pairs, gallery=args.gallery, config=TextBaselineConfig(scenes=args.text_baseline_scenes))
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -129,6 +169,26 @@ def _matcher_for(encoder, path: str | None):
 
     found = path or find_matcher(encoder)
     return load_matcher_for(encoder, found).model if found else None
+
+
+def _eval_spatial(args) -> int:
+    from clipdex.exceptions import ClipdexError
+    from clipdex.retrieval.evaluation.spatial_probe import SpatialProbeConfig, evaluate_spatial, format_spatial_table
+    from clipdex.retrieval.models.encoder import load_encoder
+    from clipdex.retrieval.models.spec import parse_model_spec
+
+    parse_model_spec(args.model)  # a mistyped spec fails first, before any weights are read
+    try:
+        config = SpatialProbeConfig(probes=args.probes, seed=args.seed,
+                                    kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()))
+    except ValueError as e:
+        raise ClipdexError(f"--kinds {args.kinds!r}: {e}") from e
+    enc = load_encoder(args.model, device=args.device)
+    matcher = None if args.no_matcher else _matcher_for(enc, args.matcher)
+    name = args.matcher or ("beside the model" if matcher is not None else None)
+    result = evaluate_spatial(enc, config=config, matcher=matcher, matcher_name=name)
+    print(json.dumps(result) if args.json else format_spatial_table(result))
+    return 0
 
 
 def _eval_oracle(args) -> int:

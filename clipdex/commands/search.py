@@ -8,12 +8,9 @@ import json
 import sys
 
 from clipdex.commands.argtypes import DEVICE_HELP
-from clipdex.retrieval.store.record import (
-    DEFAULT_COLLECTION,
-    DEFAULT_DB,
-    FILTER_COLUMNS,
-)
+from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB
 from clipdex.retrieval.store.rerank import DEFAULT_RERANK
+from clipdex.retrieval.store.schema import FILTER_COLUMNS
 
 
 def register(sub: argparse._SubParsersAction) -> None:

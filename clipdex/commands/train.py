@@ -71,6 +71,16 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        epilog="examples:\n  clipdex train --manifest worlds/w/manifest.parquet --out runs/w\n"
                        "  clipdex train --manifest my_pairs.csv --train-split '' --eval-split '' \\\n"
                        "      --model ViT-B-32:laion2b_s34b_b79k --lr 1e-5 --epochs 2 --out runs/ft")
+    _add_data_args(p)
+    _add_schedule_args(p)
+    _add_loss_args(p)
+    _add_counterfactual_args(p)
+    _add_run_args(p)
+    p.set_defaults(func=_train)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """``clipdex train``: the manifest, the run folder, the starting model and the splits."""
     p.add_argument("--manifest", required=True, metavar="FILE",
                    help="Parquet/CSV/JSONL with path and caption(s) columns")
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoints, metrics)")
@@ -80,6 +90,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-split", default="train", metavar="SPLIT", help="rows used for training ('' for all rows)")
     p.add_argument("--eval-split", default="test", metavar="SPLIT",
                    help="held-out rows evaluated after each epoch ('' for none)")
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    """``clipdex train``: optimiser, schedule, step limits and the seed."""
     opt = p.add_argument_group("optimisation (AdamW, linear warm-up then cosine decay to 0)")
     opt.add_argument("--epochs", type=int, default=10, metavar="N", help="passes over the training rows")
     opt.add_argument("--batch-size", type=int, default=256, metavar="N",
@@ -95,6 +109,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                      help="fit the run into this much training time: after 50 timed steps the step count, and so "
                      "the schedule, is set from the measured rate (default: no limit)")
     opt.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
+
+
+def _add_loss_args(p: argparse.ArgumentParser) -> None:
+    """``clipdex train``: the loss terms (hard negatives, the foil term, layout supervision)."""
     loss = p.add_argument_group("loss")
     loss.add_argument("--no-hard-negatives", action="store_true", help="do not use foils as extra negatives")
     loss.add_argument("--foil-weight", type=float, default=1.0,
@@ -103,6 +121,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                       help="weight of layout supervision (world manifests only): a head shared by both towers must "
                       "read where each shape and colour is, from the image and from the caption's cells and "
                       "relations (0: off)")
+
+
+def _add_counterfactual_args(p: argparse.ArgumentParser) -> None:
+    """``clipdex train``: counterfactual batches of the built-in world, rendered per step."""
     cf = p.add_argument_group("counterfactual batches (the built-in world, rendered per step)")
     cf.add_argument("--counterfactual", action="store_true",
                     help="train on world scenes drawn fresh every step, in groups whose images hold the same "
@@ -113,6 +135,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                     help="layouts per group (--batch-size must be a multiple)")
     cf.add_argument("--epoch-steps", type=int_at_least(1), default=100, metavar="N",
                     help="steps between held-out evaluations and checkpoints")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """``clipdex train``: evaluation size, device, precision, workers, checkpoints, output."""
     run = p.add_argument_group("run")
     run.add_argument("--eval-gallery", type=int, default=1000, metavar="N",
                      help="images of --eval-split ranked in each held-out evaluation")
@@ -123,7 +149,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                      help="steps between resumable checkpoints (one is also written at each epoch's end)")
     run.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     run.add_argument("--json", action="store_true", help="print the final record as JSON")
-    p.set_defaults(func=_train)
 
 
 def _add_train_decoder(sub: argparse._SubParsersAction) -> None:

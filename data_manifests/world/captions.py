@@ -249,11 +249,27 @@ def make_plan(scene: Scene, rng: np.random.Generator, *, form: str,
     )
 
 
+CONVERSE = {"left_of": "right_of", "right_of": "left_of", "above": "below", "below": "above",
+            "larger_than": "smaller_than", "smaller_than": "larger_than"}
+
+
+def _converse_word(rel: str, word: str) -> str:
+    """The converse relation said in the same style ("to the left of" -> "to the right of")."""
+    words, theirs = vocab.RELATION_WORDS[rel], vocab.RELATION_WORDS[CONVERSE[rel]]
+    i = words.index(word) if word in words else 0
+    return theirs[i] if i < len(theirs) else theirs[0]
+
+
 def _relation_foil(plan: CaptionPlan, scene: Scene, rng: np.random.Generator) -> CaptionPlan | None:
+    """One relation said the other way round ("A left of B" -> "A right of B"), which makes it false.
+
+    The converse keeps every word but one in place: swapping the objects instead ("B left of A") moves an
+    article ("..., and the circle above a star" never occurs in a real chain, where each later clause
+    introduces a new object), a tell that a text-only model of the captions reads without the image."""
     for k in rng.permutation(len(plan.relations)):
         rels = list(plan.relations)
         r = rels[int(k)]
-        rels[int(k)] = replace(r, a=r.b, b=r.a)
+        rels[int(k)] = replace(r, rel=CONVERSE[r.rel], word=_converse_word(r.rel, r.word))
         foil = replace(plan, relations=tuple(rels))
         if not satisfies(plan_claims(foil), scene):
             return foil

@@ -137,6 +137,23 @@ def swap_cells(scene: Scene, a: int, b: int) -> Scene:
     return replace(scene, objects=tuple(objs))
 
 
+def add_moved_layouts(scene: Scene, rng: np.random.Generator, *, out: list[Scene], seen: set, count: int,
+                      max_draws: int | None = None) -> list[Scene]:
+    """Append to ``out`` layouts of ``scene``'s objects in other cells (one distinct cell per object, drawn
+    at random; a layout whose signature is in ``seen`` is skipped) until it holds ``count`` or ``max_draws``
+    draws were made (None: no limit); returns ``out``."""
+    n, draws = len(scene.objects), 0
+    while len(out) < count and (max_draws is None or draws < max_draws):
+        draws += 1
+        cells = rng.choice(9, size=n, replace=False)
+        moved = replace(scene, objects=tuple(replace(o, row=int(c) // 3, col=int(c) % 3)
+                                             for o, c in zip(scene.objects, cells)))
+        if moved.signature() not in seen:
+            seen.add(moved.signature())
+            out.append(moved)
+    return out
+
+
 def _train_items(config: WorldConfig, ordinary, used: set) -> list[Item]:
     """Train scenes; with ``twin_fraction``, a scene may be followed by its twin: two objects' cells swapped
     (every relation between them flips), or a lone object moved to another cell."""

@@ -11,9 +11,10 @@ from clipdex.retrieval.store.record import Collection
 
 
 def evaluate_collection(collection: Collection, pairs: Pairs, *, gallery: int = 1000, model: str | None = None,
-                        device: str = "auto") -> dict:
+                        device: str = "auto", encoder=None) -> dict:
     """Recall@1/5/10 both ways (and foil accuracy) of the first ``gallery`` images of ``pairs``, using the
-    vectors the collection stored for them; foils, which are not stored, are embedded with its encoder."""
+    vectors the collection stored for them; foils, which are not stored, are embedded with its encoder
+    (``encoder``, an already loaded one, or loaded from ``model`` or the collection's spec)."""
     g = pairs.head(gallery)
     img_vec, img_rows = collection.vectors("images", ["id"])
     pos = {i: n for n, i in enumerate(img_rows["id"].to_pylist())}
@@ -44,7 +45,7 @@ def evaluate_collection(collection: Collection, pairs: Pairs, *, gallery: int = 
         from clipdex.retrieval.models.encoder import load_encoder
 
         info = collection.encoder_info()
-        enc = load_encoder(model or info.spec, device=device)
+        enc = encoder or load_encoder(model or info.spec, device=device)
         collection.check_encoder(enc.info)
         foil_emb = enc.encode_texts([f[3] for f in foils])
     emb = GalleryEmbeddings(spec=collection.encoder_info().spec, img=img, texts=texts, owner=np.array(owner),

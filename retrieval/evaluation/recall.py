@@ -151,11 +151,18 @@ def format_table(result: dict) -> str:
             n = result.get("foil_count", {}).get(kind, "?")
             lines.append(f"  {kind:<12}{acc:>8.3f}   ({n} pairs)")
         by_kind = result["foil"].get("by_kind") or {}
+        text_only = (result.get("foil_text_only") or {}).get("by_kind") or {}
         if by_kind:
-            lines += ["", "by kind and objects in the scene (chance is 0.5):"]
+            lines += ["", "by kind and objects in the scene (chance is 0.5"
+                      + ("; text-only: a trigram model of the training captions, no image" if text_only else "")
+                      + "):"]
+            if text_only:
+                lines.append(f"  {'':<22}{'model':>8}{'text-only':>11}")
             for kind, parts in by_kind.items():
                 for part, cell in parts.items():
-                    lines.append(f"  {kind:<10}{part:<12}{cell['accuracy']:>8.3f}   ({cell['count']} pairs)")
+                    blind = text_only.get(kind, {}).get(part)
+                    extra = f"{blind['accuracy']:>11.3f}" if blind else (f"{'-':>11}" if text_only else "")
+                    lines.append(f"  {kind:<10}{part:<12}{cell['accuracy']:>8.3f}{extra}   ({cell['count']} pairs)")
     rr = result.get("rerank")
     if rr:
         lines += ["", f"re-ranked by the matcher (top {rr['k']}; text->image over the first {rr['text_queries']} "

@@ -33,11 +33,14 @@ def gallery_grids(encoder: DualEncoder, pairs: Pairs, *, workers: int | None = N
 
 
 @torch.no_grad()
-def _scores(matcher: Matcher, states, mask, grids, image_index, text_index, *, chunk: int = 4096) -> np.ndarray:
+def _scores(matcher: Matcher, states, mask, grids, cos: np.ndarray, image_index, text_index, *,
+            chunk: int = 4096) -> np.ndarray:
+    """Matcher logits of (image_index[i], text_index[i]) pairs; ``cos`` (images, texts) the dual encoder's."""
     out = []
     for a in range(0, len(image_index), chunk):
         ii, ti = image_index[a:a + chunk], text_index[a:a + chunk]
-        out.append(matcher(states, mask, grids[ii], ti).numpy())
+        c = torch.from_numpy(cos[ii.numpy(), ti.numpy()])
+        out.append(matcher(states, mask, grids[ii], c, ti).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
@@ -68,13 +71,14 @@ def evaluate_rerank(encoder: DualEncoder, matcher: Matcher, pairs: Pairs, *, gal
     states, mask = encoder.text_states(list(uniq))
     emb = encoder.encode_texts(list(uniq))
     txt = emb[inverse[: len(texts)]]
+    cos = (img @ emb.T).astype(np.float32)  # (images, unique texts)
     cap_row = inverse[: len(texts)]
     foil_row = inverse[len(texts):]
 
     # foils: true caption vs its foil, both scored against the image
     fi = torch.tensor([f[0] for f in foils], dtype=torch.long)
-    true_s = _scores(matcher, states, mask, grids, fi, torch.from_numpy(cap_row[[cap_pos[(f[0], f[1])] for f in foils]]))
-    foil_s = _scores(matcher, states, mask, grids, fi, torch.from_numpy(foil_row))
+    true_s = _scores(matcher, states, mask, grids, cos, fi, torch.from_numpy(cap_row[[cap_pos[(f[0], f[1])] for f in foils]]))
+    foil_s = _scores(matcher, states, mask, grids, cos, fi, torch.from_numpy(foil_row))
     right = list(true_s > foil_s)
     by_kind = foil_accuracy_by_kind([f[3] for f in foils], right)
 
@@ -85,7 +89,7 @@ def evaluate_rerank(encoder: DualEncoder, matcher: Matcher, pairs: Pairs, *, gal
     for q in range(n_q):
         order = np.argsort(-sims[q], kind="stable")
         top = order[:k]
-        s = _scores(matcher, states, mask, grids, torch.from_numpy(top), torch.full((len(top),), int(cap_row[q])))
+        s = _scores(matcher, states, mask, grids, cos, torch.from_numpy(top), torch.full((len(top),), int(cap_row[q])))
         t2i[q] = _reranked_rank(order, s, np.arange(len(img)) == owner[q])
         if progress:
             progress(1)
@@ -95,7 +99,7 @@ def evaluate_rerank(encoder: DualEncoder, matcher: Matcher, pairs: Pairs, *, gal
     for i in range(len(img)):
         order = np.argsort(-sims[i], kind="stable")
         top = order[:k]
-        s = _scores(matcher, states, mask, grids, torch.full((len(top),), i), torch.from_numpy(cap_row[top]))
+        s = _scores(matcher, states, mask, grids, cos, torch.full((len(top),), i), torch.from_numpy(cap_row[top]))
         i2t[i] = _reranked_rank(order, s, owner == i)
     return {"k": k, "gallery": len(img), "text_queries": int(n_q),
             "t2i": recall_at(t2i, ks), "i2t": recall_at(i2t, ks),

@@ -18,7 +18,8 @@ import numpy as np
 
 from clipdex.exceptions import StoreError
 from clipdex.files import atomic_write, hash_file
-from clipdex.retrieval.store.record import TABLES, Collection
+from clipdex.retrieval.store.record import Collection
+from clipdex.retrieval.store.schema import TABLES
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 The dual encoder's single vector per image cannot say where things are; a collection indexed with grids
 keeps, for each image, a 4 x 4 grid of the image tower's final patch tokens (see
-:mod:`clipdex.retrieval.store.record`: 8 KiB per image at width 256 in float16, about 7.6 GiB per million
+:mod:`clipdex.retrieval.store.schema`: 8 KiB per image at width 256 in float16, about 7.6 GiB per million
 images). A matcher (:mod:`clipdex.retrieval.models.matcher`) reads a caption's token states against a grid
 and says how well they match; :class:`clipdex.retrieval.store.search.SearchCollection` uses it to re-order
 the dual encoder's top K.
@@ -119,20 +119,24 @@ def load_matcher_for(encoder: "DualEncoder", path: str | Path, *, grid: dict | N
     return loaded
 
 
-def match_probabilities(matcher: "LoadedMatcher", encoder: "DualEncoder", text: str, grids: np.ndarray) -> np.ndarray:
-    """The matcher's probability that ``text`` describes each image: ``grids`` (K, cells, width) float16 as
-    :meth:`Collection.grids` gives them -> (K,) float64 in [0, 1]."""
+def match_probabilities(matcher: "LoadedMatcher", encoder: "DualEncoder", text, grids: np.ndarray,
+                        cosines: np.ndarray) -> np.ndarray:
+    """The matcher's probability that ``text`` (a string, or its (token features, mask) from
+    :meth:`DualEncoder.text_query`) describes each image: ``grids`` (K, cells, width) float16 as
+    :meth:`Collection.grids` gives them and ``cosines`` (K,) the dual encoder's scores of the same images
+    -> (K,) float64 in [0, 1]."""
     import torch
 
     from clipdex.retrieval.models.matcher import match_scores
 
     if not len(grids):
         return np.zeros(0, np.float64)
-    states, mask = encoder.text_states([text])
+    states, mask = encoder.text_states([text]) if isinstance(text, str) else text
     if states.shape[-1] != matcher.model.config.text_dim:
         raise ModelMismatchError(f"the matcher reads text states of width {matcher.model.config.text_dim}; "
                                  f"{encoder.info.spec!r} gives {states.shape[-1]}")
-    probs = match_scores(matcher.model, states, mask, torch.from_numpy(np.ascontiguousarray(grids)))
+    probs = match_scores(matcher.model, states, mask, torch.from_numpy(np.ascontiguousarray(grids)),
+                         torch.as_tensor(np.asarray(cosines, np.float32)))
     return probs.double().numpy()
 
 

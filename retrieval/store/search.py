@@ -9,7 +9,7 @@
 
 Without filters a query goes to the FAISS index (exact or approximate, see :mod:`clipdex.retrieval.store.faiss_index`);
 with filters (``path_glob``, ``where`` over the columns in
-:data:`clipdex.retrieval.store.record.FILTER_COLUMNS`) it goes to LanceDB
+:data:`clipdex.retrieval.store.schema.FILTER_COLUMNS`) it goes to LanceDB
 with the filter applied before the vector search, so k results come back whenever k rows match. Scores
 are cosine similarities. The encoder is the one recorded in the collection; another is refused.
 
@@ -152,13 +152,16 @@ class SearchCollection:
     def embed_text(self, text: str) -> np.ndarray:
         """The (D,) embedding of a text query; blank text is refused, and a text longer than the text
         tower's context is cut to it with a warning."""
+        self._check_text(text)
+        return self.encoder.encode_texts([text])[0]
+
+    def _check_text(self, text: str) -> None:
         if not text or not text.strip():
             raise ClipdexError(f"empty text query {text!r}: type some words to search for (or query with an image)")
         n, context = self.encoder.token_count(text), self.encoder.context_length
         if n is not None and n > context:
             logger.warning("the text query is longer than %s reads: kept its first %d of %d tokens, the rest is "
                            "ignored", self.info.spec, context, n)
-        return self.encoder.encode_texts([text])[0]
 
     def embed_image(self, image) -> np.ndarray:
         """The (D,) embedding of an image query: a path or a PIL image."""
@@ -173,13 +176,14 @@ class SearchCollection:
         the matcher's probability (each hit's ``match``) and the first k returned; otherwise the dual
         encoder's top k, ``match`` None (:meth:`rerank_info` says why)."""
         depth = resolve_rerank(rerank)
-        vector = self.embed_text(text)
         if not depth or not self.rerank_info(depth).used:
-            return self.search_vector(vector, table="images", k=k, min_score=min_score, where=where,
+            return self.search_vector(self.embed_text(text), table="images", k=k, min_score=min_score, where=where,
                                       path_glob=path_glob)
+        self._check_text(text)
+        vector, states, mask = self.encoder.text_query(text)  # one text-tower pass for both stages
         hits = self.search_vector(vector, table="images", k=max(k, depth), min_score=min_score, where=where,
                                   path_glob=path_glob)
-        return self._rerank(text, hits)[:k]
+        return self._rerank((states, mask), hits)[:k]
 
     def rerank_info(self, rerank: int | None = None) -> RerankInfo:
         """Whether a text search with this ``rerank`` depth is re-ranked, and if not, why (the matcher is
@@ -215,11 +219,12 @@ class SearchCollection:
             logger.warning("not re-ranking with %s: %s", path, e)
             return None, str(e)
 
-    def _rerank(self, text: str, hits: list[Hit]) -> list[Hit]:
+    def _rerank(self, text: tuple, hits: list[Hit]) -> list[Hit]:
         """``hits`` re-ordered by the matcher's probability (ties keep the dual encoder's order), re-numbered,
         each with its ``match``."""
         matcher, _ = self._reranker()
-        probs = match_probabilities(matcher, self.encoder, text, self.collection.grids([h.id for h in hits]))
+        probs = match_probabilities(matcher, self.encoder, text, self.collection.grids([h.id for h in hits]),
+                                    np.array([h.score for h in hits], np.float32))
         possible = (probs >= 0.0) & (probs <= 1.0)  # False for NaN too
         if not possible.all():
             bad = hits[int(np.argmin(possible))].id

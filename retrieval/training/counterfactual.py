@@ -18,14 +18,14 @@ pairs are marked in ``also_true`` and left out of the loss's negatives
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from clipdex.data_manifests.world.captions import make_captions
 from clipdex.data_manifests.world.claims import satisfies
-from clipdex.data_manifests.world.generate import swap_cells
+from clipdex.data_manifests.world.generate import add_moved_layouts, swap_cells
 from clipdex.data_manifests.world.render import render_scene
 from clipdex.data_manifests.world.scene import Scene, place, sample_layout
 
@@ -60,16 +60,7 @@ def layout_variants(scene: Scene, rng: np.random.Generator, *, count: int) -> li
         twin = swap_cells(scene, a, b)
         out.append(twin)
         seen.add(twin.signature())
-    for _ in range(20 * count):
-        if len(out) >= count:
-            break
-        cells = rng.choice(9, size=n, replace=False)
-        moved = replace(scene, objects=tuple(replace(o, row=int(c) // 3, col=int(c) % 3)
-                                             for o, c in zip(scene.objects, cells)))
-        if moved.signature() not in seen:
-            seen.add(moved.signature())
-            out.append(moved)
-    return out
+    return add_moved_layouts(scene, rng, out=out, seen=seen, count=count, max_draws=20 * count)
 
 
 def _form(n_objects: int, rng: np.random.Generator, relation_prob: float, count_prob: float = 0.0) -> str:

@@ -91,7 +91,13 @@ class CachedBatch:
     grids: torch.Tensor  # (B, cells, image_dim) fp16
     states: torch.Tensor  # (T, n, text_dim) fp16: the captions, then the foils
     mask: torch.Tensor  # (T, n) bool
+    image_emb: torch.Tensor  # (B, D) the dual encoder's normalised embeddings
+    text_emb: torch.Tensor  # (T, D)
     pairs: Pairs
+
+    def cosines(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The dual encoder's cosine of each (image, text) pair."""
+        return (self.image_emb[image] * self.text_emb[text]).sum(-1)
 
 
 @torch.no_grad()
@@ -102,10 +108,12 @@ def encode_batch(model, batch, rng: np.random.Generator, *, chunk: int = 64) -> 
     tokens = batch.captions if batch.foils is None else torch.cat([batch.captions, batch.foils])
     states, mask = text_tokens_by_length(model, tokens, chunk=chunk)
     eot = tokens.argmax(dim=-1)
-    nc = len(batch.captions)
-    cap = states[torch.arange(nc), eot[:nc]] @ model.text_projection
-    pairs = batch_pairs(batch, F.normalize(pooled, dim=-1), F.normalize(cap, dim=-1), rng)
-    return CachedBatch(grids=grids.half(), states=states.half(), mask=mask, pairs=pairs)
+    width = model.ln_final.normalized_shape[0]  # the final states; the token embeddings follow them
+    txt = F.normalize(states[torch.arange(len(tokens)), eot, :width] @ model.text_projection, dim=-1)
+    img = F.normalize(pooled, dim=-1)
+    pairs = batch_pairs(batch, img, txt[: len(batch.captions)], rng)
+    return CachedBatch(grids=grids.half(), states=states.half(), mask=mask, image_emb=img, text_emb=txt,
+                       pairs=pairs)
 
 
 def balanced_bce(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -126,7 +134,7 @@ def train_matcher(config: MatcherTrainConfig, *, progress: bool = True, log=prin
     for p in model.parameters():
         p.requires_grad_(False)
     width_img = model.visual.ln_post.normalized_shape[0]
-    width_txt = model.ln_final.normalized_shape[0]
+    width_txt = 2 * model.ln_final.normalized_shape[0]  # final states and token embeddings (text_tokens)
     matcher = Matcher(MatcherConfig(image_dim=width_img, text_dim=width_txt, cells=GRID_SIDE * GRID_SIDE,
                                     width=config.width, layers=config.layers, heads=config.heads, mlp_ratio=config.mlp_ratio,
                                     max_text=enc.context_length))
@@ -150,7 +158,7 @@ def train_matcher(config: MatcherTrainConfig, *, progress: bool = True, log=prin
         take = torch.from_numpy(rng.permutation(len(b.pairs.label))[: config.pairs_per_step])
         image, text, label = b.pairs.image[take], b.pairs.text[take], b.pairs.label[take]
         set_lr(opt, cosine_lr(step, base=config.lr, warmup=config.warmup, total=config.steps))
-        logits = matcher(b.states, b.mask, b.grids[image], text)
+        logits = matcher(b.states, b.mask, b.grids[image], b.cosines(image, text), text)
         loss = balanced_bce(logits, label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
