@@ -74,3 +74,16 @@ def machine() -> dict:
     return {"cores": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
             "faiss": faiss.__version__, "torch_threads": torch.get_num_threads(),
             "faiss_threads": faiss.omp_get_max_threads()}
+
+
+def _json_value(o):
+    """numpy scalars as numbers, anything else (paths, dtypes) as its string."""
+    return o.item() if hasattr(o, "item") else str(o)
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Write a bench's JSON report to ``out`` (its folder made if needed) and say where."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1, default=_json_value))
+    print(f"\nwrote {out}")

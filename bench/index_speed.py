@@ -15,7 +15,6 @@ The folder has no captions, so seconds['embed'] is image embedding only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -23,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ensure_world
+from common import ensure_world, write_report
 
 DEFAULT_MODELS = "clipdex-world,ViT-B-32:random"
 DEFAULT_IMAGES = "clipdex-world=2000,ViT-B-32:random=400,2000"
@@ -169,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                           "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
               "decode_workers": workers, "batch_size": args.batch_size, "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str))
-    print(f"\nwrote {out}")
+    write_report(report, Path(args.out))
     return 0
 
 

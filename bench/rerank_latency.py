@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import captions, ensure_world, machine, pct, set_threads
+from common import captions, ensure_world, machine, pct, set_threads, write_report
 
 QS = (50, 90, 99)
 TARGET_K, TARGET_MS = 50, 15.0
@@ -248,10 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                          "example_captions": texts[:5]},
               "storage": store, "results": res,
               "target": {"k": TARGET_K, "added_p50_ms_at_most": TARGET_MS, "added_p50_ms": added, "met": verdict}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=float))
-    print(f"\nwrote {out}")
+    write_report(report, Path(args.out))
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import os
 import resource
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import captions, machine, pct, set_threads
+from common import captions, machine, pct, set_threads, write_report
 
 
 def mixture(*, centres: np.ndarray, count: int, noise: float, rng: np.random.Generator) -> np.ndarray:
@@ -275,10 +274,7 @@ def main(argv: list[str] | None = None) -> int:
               "data": {"dim": info.embed_dim, "centres": args.centres, "noise": args.noise, "seed": args.seed,
                        "queries": args.queries, "k": args.k, "example_captions": texts[:5]},
               "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {out}")
+    write_report(report, Path(args.out))
     return 0
 
 
