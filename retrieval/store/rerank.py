@@ -119,10 +119,10 @@ def load_matcher_for(encoder: "DualEncoder", path: str | Path, *, grid: dict | N
     return loaded
 
 
-def match_probabilities(matcher: "LoadedMatcher", encoder: "DualEncoder", text, grids: np.ndarray,
+def match_probabilities(matcher: "LoadedMatcher", encoder: "DualEncoder", text: tuple, grids: np.ndarray,
                         cosines: np.ndarray) -> np.ndarray:
-    """The matcher's probability that ``text`` (a string, or its (token features, mask) from
-    :meth:`DualEncoder.text_query`) describes each image: ``grids`` (K, cells, width) float16 as
+    """The matcher's probability that a query describes each image: ``text`` is the query's (token
+    features, mask) from :meth:`DualEncoder.text_query`, ``grids`` (K, cells, width) float16 as
     :meth:`Collection.grids` gives them and ``cosines`` (K,) the dual encoder's scores of the same images
     -> (K,) float64 in [0, 1]."""
     import torch
@@ -131,7 +131,7 @@ def match_probabilities(matcher: "LoadedMatcher", encoder: "DualEncoder", text, 
 
     if not len(grids):
         return np.zeros(0, np.float64)
-    states, mask = encoder.text_states([text]) if isinstance(text, str) else text
+    states, mask = text
     if states.shape[-1] != matcher.model.config.text_dim:
         raise ModelMismatchError(f"the matcher reads text states of width {matcher.model.config.text_dim}; "
                                  f"{encoder.info.spec!r} gives {states.shape[-1]}")
