@@ -222,8 +222,7 @@ class DualEncoder:
         tokens = self.tokenizer([text]).to(self.device)
         with autocast(self.device, self.precision):
             x, mask = text_tokens(self.model, tokens)
-            width = self.model.ln_final.normalized_shape[0]
-            pooled = x[:, int(tokens[0].argmax()), :width] @ self.model.text_projection
+            pooled = pooled_text(self.model, x, tokens)
         emb = F.normalize(pooled.float(), dim=-1).cpu().numpy()[0]
         return emb, x.float().cpu(), mask.cpu()
 
@@ -344,6 +343,15 @@ def text_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Ten
     x = torch.cat([x, emb], dim=-1)
     mask = torch.arange(n, device=tokens.device)[None, :] <= eot[:, None]
     return x, mask
+
+
+def pooled_text(model: torch.nn.Module, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The unnormalised text embeddings (B, D) that ``model.encode_text`` gives, read from :func:`text_tokens`'
+    features (B, n, 2 * width) of the same ``tokens``: each caption's final state at its end-of-text token,
+    projected. So one text-tower pass serves the dual encoder and the matcher."""
+    width = model.ln_final.normalized_shape[0]  # the final states; the token embeddings follow them
+    eot = tokens.argmax(dim=-1)
+    return features[torch.arange(len(tokens), device=features.device), eot, :width] @ model.text_projection
 
 
 def text_tokens_by_length(model: torch.nn.Module, tokens: torch.Tensor, *, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

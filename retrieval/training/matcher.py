@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from clipdex.data_manifests.world.claims import satisfies
-from clipdex.retrieval.models.encoder import GRID_SIDE, image_tokens, load_encoder, text_tokens_by_length
+from clipdex.retrieval.models.encoder import (
+    GRID_SIDE,
+    image_tokens,
+    load_encoder,
+    pooled_text,
+    text_tokens_by_length,
+)
 from clipdex.retrieval.models.matcher import Matcher, MatcherConfig, save_matcher
 from clipdex.retrieval.training.counterfactual import CounterfactualBatches, CounterfactualConfig
 from clipdex.retrieval.training.schedule import cosine_lr, param_groups, set_lr
@@ -107,9 +113,7 @@ def encode_batch(model, batch, rng: np.random.Generator, *, chunk: int = 64) -> 
     pooled, grids = image_tokens(model, batch.images)
     tokens = batch.captions if batch.foils is None else torch.cat([batch.captions, batch.foils])
     states, mask = text_tokens_by_length(model, tokens, chunk=chunk)
-    eot = tokens.argmax(dim=-1)
-    width = model.ln_final.normalized_shape[0]  # the final states; the token embeddings follow them
-    txt = F.normalize(states[torch.arange(len(tokens)), eot, :width] @ model.text_projection, dim=-1)
+    txt = F.normalize(pooled_text(model, states, tokens), dim=-1)
     img = F.normalize(pooled, dim=-1)
     pairs = batch_pairs(batch, img, txt[: len(batch.captions)], rng)
     return CachedBatch(grids=grids.half(), states=states.half(), mask=mask, image_emb=img, text_emb=txt,
