@@ -13,40 +13,20 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 from PIL import Image
 
-from clipdex.app.inputs import InputError, decode_checked, read_confined, resolved_roots
+from clipdex.app.collections import LoadedCollection, load_collection
+from clipdex.app.inputs import InputError, decode_checked, read_confined
 from clipdex.app.jobs import IndexJobs, listing_sidecar
 from clipdex.app.settings import AppSettings
 from clipdex.app.turns import FairLock, streamlit_superseded
 from clipdex.exceptions import ClipdexError
 from clipdex.retrieval.store.record import Collection, Database
-from clipdex.retrieval.store.search import SearchCollection
 
 THUMB_PX = 192
-
-
-@dataclass
-class LoadedCollection:
-    """A collection ready for queries, with the rows its FAISS indexes hold (no LanceDB call per page)."""
-
-    name: str
-    search: SearchCollection
-    ids: list[str]  # image ids in FAISS order
-    paths: list[str]
-    position: dict[str, int]  # image id -> index into ids/paths
-    captions: dict[str, list[str]]  # image id -> its captions
-    roots: tuple[Path, ...]  # the only folders its files are opened under (resolved)
-
-    def path_of(self, image_id: str) -> str:
-        """The file of a row of this collection; any other id is refused (paths never come from requests)."""
-        if image_id not in self.position:
-            raise InputError(f"no image {image_id!r} in collection {self.name!r}")
-        return self.paths[self.position[image_id]]
 
 
 @st.cache_resource(show_spinner="Loading the model (once per process)...")
@@ -68,24 +48,8 @@ def decoder(path: str, device: str):
 @st.cache_resource(show_spinner="Opening the collection and its search indexes...", max_entries=8)
 def _loaded(db: str, name: str, images_version: int, captions_version: int, device: str,
             index_roots: tuple[str, ...]) -> LoadedCollection:
-    col = Database(db).open(name)
-    search = SearchCollection(col, encoder=encoder(col.encoder_info().spec, device))  # refuses another model
-    images, captions = search.index("images").columns, search.index("captions").columns
-    by_image: dict[str, list[str]] = {}
-    for owner, text in zip(captions["image_id"], captions["text"]):
-        by_image.setdefault(owner, []).append(text)
-    roots = resolved_roots([*index_roots, *(source_folder(s) for s in col.sources())])
-    return LoadedCollection(name, search, images["id"], images["path"],
-                            {i: n for n, i in enumerate(images["id"])}, by_image, roots)
-
-
-def source_folder(source: str) -> str:
-    """The folder a collection source covers: a folder itself, an app listing's folder, a manifest's folder."""
-    sidecar = listing_sidecar(source)
-    if sidecar is not None:
-        return sidecar["folder"]
-    path = Path(source.partition("#split=")[0])
-    return str(path if path.is_dir() else path.parent)
+    return load_collection(db, name, encoder=encoder(Database(db).open(name).encoder_info().spec, device),
+                           index_roots=index_roots)
 
 
 def source_label(source: str) -> str:
@@ -144,8 +108,7 @@ def timed(fn, *args, **kwargs) -> tuple:
 def collection_image(loaded: LoadedCollection, image_id: str, *, max_pixels: int) -> Image.Image:
     """The image of a collection row, opened only under the collection's roots and decoded with the same
     checks as an upload."""
-    path = loaded.path_of(image_id)
-    return decode_checked(read_confined(path, roots=loaded.roots), label=path, max_pixels=max_pixels)
+    return loaded.image(image_id, max_pixels=max_pixels)
 
 
 def thumbnail(loaded: LoadedCollection, path: str, *, max_pixels: int) -> Image.Image | None:

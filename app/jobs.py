@@ -5,7 +5,9 @@ the folder, keeps the files whose real path lies under the app's index roots, an
 list as a manifest (``<db>/_app_listings/``, beside a sidecar naming the folder and the refused files).
 The indexer reports progress through its ``on_progress`` hook after every batch; the page reads the
 latest count. The job reuses the app's loaded encoder when the collection's model is already loaded.
-One job runs per database at a time.
+One job runs per database at a time (the app), or per collection (``clipdex serve``: ``IndexJobs(per="collection")``).
+A job asked to stop (:meth:`IndexJobs.stop_all`, at a server's shutdown) ends after the batch it is on: what
+it committed stays, the rest is indexed by the next run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +30,14 @@ from clipdex.indexer.runner import IndexSettings, run_index
 LISTINGS = "_app_listings"  # under the database folder: the manifests of the folders indexed from the app
 
 logger = logging.getLogger(__name__)
+
+
+class JobRunningError(ClipdexError):
+    """An index run was asked for while another one into the same collection (or database) is going on."""
+
+
+class JobStopped(ClipdexError):
+    """Raised inside a job's progress hook when it was asked to stop: the indexer ends after its batch."""
 
 
 @dataclass
@@ -43,6 +54,9 @@ class IndexJob:
     error: str | None = None
     handled: int = 0
     encoder: object = None  # an already loaded encoder for settings.model, or None to load one
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
     def running(self) -> bool:
@@ -56,38 +70,79 @@ class IndexJob:
         return self.handled
 
     def on_progress(self, done: int, total: int) -> None:
-        """The indexer's progress hook."""
+        """The indexer's progress hook; raises :class:`JobStopped` once the job was asked to stop."""
         self.handled, self.total = done, total
+        if self.stop.is_set():
+            raise JobStopped(f"the index run into {self.settings.collection!r} was stopped after {done} of "
+                             f"{total} files (the server shut down); what it committed is kept, run it again "
+                             "for the rest")
+
+    def as_dict(self) -> dict:
+        """The job as JSON: id, collection, folder, running, done, total, seconds, refused, summary, error."""
+        return {"id": self.id, "collection": self.settings.collection, "folder": self.folder,
+                "running": self.running, "done": self.done(), "total": self.total,
+                "seconds": round(self.seconds(), 3),
+                "refused": [{"path": p, "reason": r} for p, r in self.refused],
+                "summary": self.summary, "error": self.error}
 
 
 class IndexJobs:
-    """The jobs of one process, by database folder."""
+    """The jobs of one process: one running at a time ``per`` database folder (``"database"``) or collection
+    (``"collection"``); every job stays findable by its id."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, per: str = "database") -> None:
+        if per not in ("database", "collection"):
+            raise ValueError(f"IndexJobs(per=...) is 'database' or 'collection', not {per!r}")
+        self.per = per
         self._lock = threading.Lock()
-        self._jobs: dict[str, IndexJob] = {}
+        self._jobs: dict[tuple[str, str], IndexJob] = {}  # (db, collection or "") -> its running or last job
+        self._by_id: dict[str, IndexJob] = {}
 
-    def latest(self, db: str) -> IndexJob | None:
-        """The running or last finished job of ``db``."""
-        return self._jobs.get(str(Path(db).resolve()))
+    def _key(self, db: str, collection: str) -> tuple[str, str]:
+        return str(Path(db).resolve()), collection if self.per == "collection" else ""
+
+    def latest(self, db: str, collection: str | None = None) -> IndexJob | None:
+        """The running or last finished job of ``db`` (of ``collection`` there, when jobs are per collection)."""
+        if self.per == "collection" and collection is None:
+            jobs = [j for (d, _), j in self._jobs.items() if d == str(Path(db).resolve())]
+            return max(jobs, key=lambda j: j.started) if jobs else None
+        return self._jobs.get(self._key(db, collection or ""))
+
+    def get(self, job_id: str) -> IndexJob | None:
+        """The job with this id, running or finished (None: no such job in this process)."""
+        return self._by_id.get(job_id)
+
+    def stop_all(self, *, timeout: float) -> list[IndexJob]:
+        """Ask every running job to stop after its batch and wait up to ``timeout`` seconds in all; returns the
+        jobs still running then."""
+        running = [j for j in self._by_id.values() if j.running]
+        for j in running:
+            j.stop.set()
+        deadline = time.monotonic() + timeout
+        for j in running:
+            if j.thread is not None:
+                j.thread.join(max(0.0, deadline - time.monotonic()))
+        return [j for j in running if j.running]
 
     def start(self, settings: IndexSettings, *, roots: tuple[str, ...], encoder=None) -> IndexJob:
         """Start indexing the folder ``settings.source`` (checked to lie under ``roots``) in a background
         thread, confined to the files whose real path lies under ``roots``; refused while ``settings.db``
         has a run going on."""
-        key = str(Path(settings.db).resolve())
+        key = self._key(settings.db, settings.collection)
         with self._lock:
             job = self._jobs.get(key)
             if job is not None and job.running:
-                raise ClipdexError(f"an index run into {job.settings.collection!r} is still going on; wait for it")
+                raise JobRunningError(f"an index run into {job.settings.collection!r} is still going on (job "
+                                      f"{job.id}); wait for it")
             folder = Path(settings.source)
             items, refused = confine_listing(read_folder(folder), roots=resolved_roots(roots))
             manifest = write_listing(folder, items, refused, db=settings.db, collection=settings.collection)
             job = IndexJob(replace(settings, source=manifest, follow_links=False), str(folder), len(items), refused,
                            encoder=encoder)
-            self._jobs[key] = job
-        threading.Thread(target=self._run, args=(job,), name=f"clipdex-index-{settings.collection}",
-                         daemon=True).start()
+            self._jobs[key] = self._by_id[job.id] = job
+            job.thread = threading.Thread(target=self._run, args=(job,), name=f"clipdex-index-{settings.collection}",
+                                          daemon=True)
+        job.thread.start()
         return job
 
     @staticmethod

@@ -29,6 +29,7 @@ examples:
   clipdex ask --image photo.jpg "when was it built?"       # answered from the collection, evidence shown
   clipdex eval answer                                      # proof that retrieval is what answers
   clipdex app                                              # the Streamlit UI on 127.0.0.1:8501
+  clipdex serve                                            # the HTTP API on 127.0.0.1:8600 (docs at /docs)
   clipdex models                                           # built-in names and accepted spec forms
   clipdex demo                                             # the whole thing on the embedded default
 """
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         index,
         models,
         search,
+        serve,
         train,
         world,
     )
@@ -61,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging: -v for info, -vv for debug (default: warnings only)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in (world, index, models, train, eval, search, check, demo, ask, app):
+    for command in (world, index, models, train, eval, search, check, demo, ask, app, serve):
         command.register(sub)
     return parser
 

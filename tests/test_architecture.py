@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = {"clipdex": "clipdex", "retrieval": "clipdex.retrieval", "indexer": "clipdex.indexer",
-             "app": "clipdex.app", "data_manifests": "clipdex.data_manifests"}
+             "app": "clipdex.app", "server": "clipdex.server", "data_manifests": "clipdex.data_manifests"}
 RETRIEVAL_PARTS = ("models", "store", "answer", "training", "evaluation")
 LANCEDB_MODULE = "clipdex.retrieval.store.record"
 
@@ -37,7 +37,7 @@ def _part(module: str) -> str:
     p = module.split(".")
     if len(p) >= 3 and p[1] == "retrieval" and p[2] in RETRIEVAL_PARTS:
         return ".".join(p[:3])
-    if len(p) >= 2 and p[1] in ("commands", "indexer", "app", "data_manifests", "retrieval"):
+    if len(p) >= 2 and p[1] in ("commands", "indexer", "app", "server", "data_manifests", "retrieval"):
         return ".".join(p[:2])
     return module
 
@@ -86,6 +86,16 @@ def test_library_never_imports_commands_and_data_manifests_never_imports_retriev
              if (n.startswith("clipdex.commands") and not m.startswith(("clipdex.commands", "clipdex.cli")))
              or (m.startswith("clipdex.data_manifests") and n.startswith("clipdex.retrieval"))]
     assert not wrong, wrong
+
+
+def test_only_the_server_and_its_command_import_the_web_framework():
+    _, imports = _graph()
+    callers = sorted(m for m, names in imports.items()
+                     if any(n.split(".")[0] in ("fastapi", "uvicorn") for n in names))
+    assert all(m.startswith("clipdex.server") or m == "clipdex.commands.serve" for m in callers), callers
+    streamlit = sorted(m for m, names in imports.items() if any(n.split(".")[0] == "streamlit" for n in names))
+    assert not [m for m in streamlit if m.startswith("clipdex.server") or m in (
+        "clipdex.app.collections", "clipdex.app.inputs", "clipdex.app.jobs")], streamlit
 
 
 def test_library_modules_do_not_parse_arguments():
