@@ -5,7 +5,9 @@ Every endpoint answers JSON (images excepted); every error is ``{"error": messag
 code that fits: 400 bad input (naming the field), 401 no or wrong token, 403 a folder or file outside the
 configured roots, 404 unknown collection, image or job, 409 an index run already going on, 413 a body or
 upload over the limit, 414 a query string too long, 422 a model mismatch, 500 damaged data (with what to run)
-and nothing else: never a traceback. Requests run in a thread pool; model calls take turns under one lock.
+and nothing else: never a traceback. Requests run in a thread pool; concurrent text queries are embedded in
+one batch (:mod:`clipdex.server.batching`), image queries take their turn at the encoder, answers theirs at
+the decoder.
 
 The guard in front of every request (:class:`Guard`, plain ASGI) checks the token, bounds the query string and
 the body (counted as it arrives, whatever Content-Length says) before any route reads them.
@@ -326,20 +328,30 @@ def create_app(state: ServerState) -> FastAPI:
         from clipdex.retrieval.store.rerank import RerankInfo, resolve_rerank
 
         rerank = RerankInfo(resolve_rerank(body.rerank), False, "re-ranking applies to text queries only")
-        with state.model_lock:
-            if body.text is not None:
-                hits = loaded.search.search_text(body.text, **opts, rerank=body.rerank)
-                rerank = loaded.search.rerank_info(body.rerank)
-                kind, query = "text->image", body.text
-            elif body.vector is not None:
-                hits = loaded.search.search_vector(np.asarray(body.vector, np.float32), table=body.target, **opts)
-                kind, query = f"vector->{body.target[:-1]}", None
+        search = loaded.search
+        if body.text is not None:
+            kind, query = "text->image", body.text
+            rerank = search.rerank_info(body.rerank)
+            if rerank.used:  # the matcher reads the query's token states: its own pass, in its turn
+                with state.model_lock, state.store_lock:
+                    hits = search.search_text(body.text, **opts, rerank=body.rerank)
             else:
-                im = query_image(loaded, upload, body.image_id)
-                search = loaded.search.search_captions if body.target == "captions" else loaded.search.search_image
-                hits = search(im, **opts)
-                kind = "image->text" if body.target == "captions" else "image->image"
-                query = body.image_id if body.image_id is not None else "(uploaded image)"
+                search.check_text(body.text)
+                vector = state.text_batcher.embed(search.encoder, body.text)
+                with state.store_lock:
+                    hits = search.search_vector(vector, table="images", **opts)
+        elif body.vector is not None:
+            with state.store_lock:
+                hits = search.search_vector(np.asarray(body.vector, np.float32), table=body.target, **opts)
+            kind, query = f"vector->{body.target[:-1]}", None
+        else:
+            im = query_image(loaded, upload, body.image_id)
+            with state.model_lock:
+                vector = search.embed_image(im)
+            with state.store_lock:
+                hits = search.search_vector(vector, table=body.target, **opts)
+            kind = "image->text" if body.target == "captions" else "image->image"
+            query = body.image_id if body.image_id is not None else "(uploaded image)"
         return {"query": query, "kind": kind, "collection": name,
                 "results": [with_urls(request, name, h.as_dict()) for h in hits], "rerank": rerank.as_dict()}
 
@@ -385,9 +397,9 @@ def create_app(state: ServerState) -> FastAPI:
         loaded = state.collection(name)
         ask_settings = AskSettings(db=settings.db, collection=name, k=body.k, beams=body.beams,
                                    max_new_tokens=body.max_new_tokens, device=settings.device)
-        with state.model_lock:
-            im = None if upload is None and body.image_id is None else query_image(loaded, upload, body.image_id)
-            answerer = Answerer(loaded.search, state.backend(), settings=ask_settings)
+        im = None if upload is None and body.image_id is None else query_image(loaded, upload, body.image_id)
+        answerer = Answerer(loaded.search, state.backend(), settings=ask_settings)
+        with state.answer_lock:  # beside the searches: the decoder is its own model
             result = answerer.ask(image=im, question=question)
         out = result.as_dict()
         out["collection"] = name

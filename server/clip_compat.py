@@ -119,26 +119,29 @@ def router(state: ServerState, *, image_url: Callable, collection_name: Callable
         table = "images" if modality == "image" else "captions"
         text, image, url, vector = (data.get(k) for k in ("text", "image", "image_url", "embedding_input"))
         loaded = state.collection(name)
-        with state.model_lock:
-            if text:
-                if not isinstance(text, str) or len(text) > 2000:
-                    raise InputError("text: a string of at most 2000 characters")
-                query = loaded.search.embed_text(text)
-            elif image or url:
-                if image:
-                    raw = decode_base64(str(image), field="image", max_bytes=settings.max_upload_bytes)
-                    im = decode_checked(raw, label="image", max_pixels=settings.max_pixels)
-                else:
-                    im = _own_image(request, str(url))
-                query = loaded.search.embed_image(im)
-            elif vector is not None:
-                try:
-                    query = np.asarray(vector, np.float32).reshape(-1)
-                except (TypeError, ValueError):
-                    raise InputError("embedding_input: a list of numbers") from None
+        search = loaded.search
+        if text:
+            if not isinstance(text, str) or len(text) > 2000:
+                raise InputError("text: a string of at most 2000 characters")
+            search.check_text(text)
+            query = state.text_batcher.embed(search.encoder, text)
+        elif image or url:
+            if image:
+                raw = decode_base64(str(image), field="image", max_bytes=settings.max_upload_bytes)
+                im = decode_checked(raw, label="image", max_pixels=settings.max_pixels)
             else:
-                raise InputError("must fill one of text, image, image_url and embedding_input")
-            hits = loaded.search.search_vector(query, table=table, k=depth, columns=("vector",))
+                im = _own_image(request, str(url))
+            with state.model_lock:
+                query = search.embed_image(im)
+        elif vector is not None:
+            try:
+                query = np.asarray(vector, np.float32).reshape(-1)
+            except (TypeError, ValueError):
+                raise InputError("embedding_input: a list of numbers") from None
+        else:
+            raise InputError("must fill one of text, image, image_url and embedding_input")
+        with state.store_lock:
+            hits = search.search_vector(query, table=table, k=depth, columns=("vector",))
         if data.get("deduplicate") and hits:
             vecs = np.stack([np.asarray(h.extra["vector"], np.float32) if h.extra else np.zeros(len(query), np.float32)
                              for h in hits])

@@ -1,6 +1,7 @@
 """What a running ``clipdex serve`` holds: each model loaded once, each collection opened once with its FAISS
-indexes (reopened when its tables change), the answering backend, the index jobs, and the lock every model
-call takes its turn under.
+indexes (reopened when its tables change), the answering backend, the index jobs, and the locks: encoder
+passes take turns (concurrent text queries are embedded in one batch, :mod:`clipdex.server.batching`),
+answers take turns among themselves, beside the searches, and FAISS searches take turns (each is short).
 
 A collection's LanceDB table versions are compared with the loaded ones at most every
 ``settings.recheck_seconds``; when they differ (an index run of this server, of the CLI or of the app) the
@@ -21,6 +22,7 @@ from clipdex.app.collections import LoadedCollection, load_collection
 from clipdex.app.jobs import IndexJob, IndexJobs
 from clipdex.exceptions import ClipdexError, StoreError
 from clipdex.retrieval.store.record import Database
+from clipdex.server.batching import TextBatcher
 from clipdex.server.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -47,7 +49,10 @@ class ServerState:
         self.settings = replace(settings, max_pixels=settings.max_pixels or _default_max_pixels())
         self.db = Database(settings.db)
         self.jobs = IndexJobs(per="collection")
-        self.model_lock = threading.Lock()  # one model call at a time: two would only share the same cores
+        self.model_lock = threading.Lock()  # one encoder pass at a time: two would only share the same cores
+        self.answer_lock = threading.Lock()  # one answer generated at a time (beside, not behind, the searches)
+        self.store_lock = threading.Lock()  # FAISS searches and index reloads, one at a time (each is short)
+        self.text_batcher = TextBatcher(lock=self.model_lock)
         self._lock = threading.Lock()  # guards the caches below (loading happens under it: once per change)
         self._encoders: dict[str, object] = {}
         self._entries: dict[str, _Entry] = {}

@@ -152,10 +152,11 @@ class SearchCollection:
     def embed_text(self, text: str) -> np.ndarray:
         """The (D,) embedding of a text query; blank text is refused, and a text longer than the text
         tower's context is cut to it with a warning."""
-        self._check_text(text)
+        self.check_text(text)
         return self.encoder.encode_texts([text])[0]
 
-    def _check_text(self, text: str) -> None:
+    def check_text(self, text: str) -> None:
+        """Refuse a blank text query; warn when it is longer than the text tower reads."""
         if not text or not text.strip():
             raise ClipdexError(f"empty text query {text!r}: type some words to search for (or query with an image)")
         n, context = self.encoder.token_count(text), self.encoder.context_length
@@ -179,7 +180,7 @@ class SearchCollection:
         if not depth or not self.rerank_info(depth).used:
             return self.search_vector(self.embed_text(text), table="images", k=k, min_score=min_score, where=where,
                                       path_glob=path_glob)
-        self._check_text(text)
+        self.check_text(text)
         vector, states, mask = self.encoder.text_query(text)  # one text-tower pass for both stages
         hits = self.search_vector(vector, table="images", k=max(k, depth), min_score=min_score, where=where,
                                   path_glob=path_glob)
