@@ -175,13 +175,7 @@ async def read_body(request: Request, model: type[_Body], *, max_upload: int) ->
             elif value != "":
                 data[key] = value
     else:
-        raw = await request.body()
-        try:
-            data = json.loads(raw) if raw.strip() else {}
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"the body is not JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise InputError("the body must be a JSON object")
+        data = json_object(await request.body())
     body = model.model_validate(data)
     if getattr(body, "image", None) is not None:
         if upload is not None:
@@ -190,6 +184,17 @@ async def read_body(request: Request, model: type[_Body], *, max_upload: int) ->
     if upload is not None and len(upload) > max_upload:
         raise TooLarge(f"image: the upload is over {max_upload / 2**20:.0f} MB")
     return body, upload
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body as a JSON object (empty: ``{}``), whatever its Content-Type said; InputError otherwise."""
+    try:
+        data = json.loads(raw) if raw.strip() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"the body is not JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise InputError("the body must be a JSON object")
+    return data
 
 
 def decode_base64(text: str, *, field: str, max_bytes: int) -> bytes:

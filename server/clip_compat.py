@@ -16,7 +16,6 @@ unchanged: ``GET /indices-list``, ``POST /knn-service``, ``POST /metadata`` (as 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from urllib.parse import urlparse
 
@@ -52,17 +51,6 @@ def near_duplicates(vectors: np.ndarray, *, threshold: float = DEDUP_COSINE) -> 
     return {i for i in range(n) if root(i) != i}
 
 
-async def _json(request: Request) -> dict:
-    raw = await request.body()
-    try:
-        data = json.loads(raw) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"the body is not JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise InputError("the body must be a JSON object")
-    return data
-
-
 def _int(data: dict, key: str, default: int, *, low: int, high: int) -> int:
     value = data.get(key, default)
     if value is None or value == "":
@@ -79,7 +67,7 @@ def _int(data: dict, key: str, default: int, *, low: int, high: int) -> int:
 def router(state: ServerState, *, image_url: Callable, collection_name: Callable) -> APIRouter:
     """The three clip-retrieval routes over ``state``; ``image_url(request, collection, id)`` makes the
     ``url`` of a result and ``collection_name`` resolves an ``indice_name`` (None: the default)."""
-    from clipdex.server.api import decode_base64
+    from clipdex.server.api import decode_base64, json_object
 
     settings = state.settings
     api = APIRouter(tags=["clip-retrieval"])
@@ -90,7 +78,7 @@ def router(state: ServerState, *, image_url: Callable, collection_name: Callable
 
     @api.post("/knn-service", summary="clip-retrieval: nearest images or captions to a text, image or embedding")
     async def knn_service(request: Request) -> list[dict]:
-        data = await _json(request)
+        data = json_object(await request.body())
         return await run_in_threadpool(_knn, request, data)
 
     def _own_image(request: Request, url: str):
@@ -160,7 +148,7 @@ def router(state: ServerState, *, image_url: Callable, collection_name: Callable
 
     @api.post("/metadata", summary="clip-retrieval: caption and url of result ids")
     async def metadata(request: Request) -> list[dict]:
-        data = await _json(request)
+        data = json_object(await request.body())
         ids = data.get("ids") or []
         if not isinstance(ids, list) or len(ids) > settings.max_k:
             raise InputError(f"ids: a list of at most {settings.max_k} ids")
