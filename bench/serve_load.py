@@ -47,9 +47,9 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_server(db: Path) -> tuple[subprocess.Popen, str]:
+def start_server(db: Path, *, runtime: str) -> tuple[subprocess.Popen, str]:
     """``clipdex serve`` on a free port; (the process, its base URL) once it listens."""
-    proc = subprocess.Popen([CLIPDEX, "serve", "--db", str(db), "--port", "0", "--device", "cpu"],
+    proc = subprocess.Popen([CLIPDEX, "serve", "--db", str(db), "--port", "0", "--device", "cpu", "--runtime", runtime],
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     while proc.poll() is None:
         line = proc.stderr.readline()
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--mix", default="text:0.7,image:0.2,ask:0.1", help="kind:weight,... (text, image, ask)")
+    ap.add_argument("--runtime", default="torch", choices=["torch", "onnx", "auto"], help="the server's --runtime")
     ap.add_argument("--repeats", type=int, default=3, help="cold CLI and curl runs")
     ap.add_argument("--out", default="bench/results/serve_load.json")
     args = ap.parse_args()
@@ -126,7 +127,7 @@ def main() -> None:
     ids = Database(db).open(args.collection).rows(columns=("id",))["id"].to_pylist()
     texts = captions(n=2000, seed=1)
     t0 = time.perf_counter()
-    proc, url = start_server(db)
+    proc, url = start_server(db, runtime=args.runtime)
     startup = time.perf_counter() - t0
     print(f"server at {url} ready in {startup:.1f} s, RSS {rss_mb(proc.pid):.0f} MB; {args.clients} clients for "
           f"{args.seconds:.0f} s, mix {args.mix}", flush=True)
@@ -185,7 +186,7 @@ def main() -> None:
     if via_curl:
         print(f"the same search through curl against the server: {via_curl['median_s'] * 1e3:.1f} ms wall "
               f"(median of {len(via_curl['runs_s'])})")
-    report = {"clients": args.clients, "seconds": elapsed, "mix": args.mix, "collection": args.collection,
+    report = {"clients": args.clients, "runtime": args.runtime, "seconds": elapsed, "mix": args.mix, "collection": args.collection,
               "images": len(ids), "endpoints": per, "requests": total, "per_second": total / elapsed,
               "errors": sum(st != 200 for _, _, st in results), "server_rss_mb": server_rss,
               "server_peak_rss_mb": max(peak), "startup_s": startup, "cold_cli_search": cold, "curl_search": via_curl,

@@ -31,3 +31,7 @@ class ModelMismatchError(StoreError):
 
 class CorruptStoreError(StoreError):
     """Stored data cannot be read or is impossible (a vector that is not unit-norm, a checksum that differs)."""
+
+
+class RuntimeChoiceError(ClipdexError):
+    """The inference runtime asked for (``--runtime onnx``) cannot run this model faithfully."""

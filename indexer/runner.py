@@ -66,6 +66,7 @@ class IndexSettings:
     workers: int | None = None
     device: str = "auto"
     precision: str = "auto"
+    runtime: str = "torch"  # torch, onnx or auto (see retrieval.models.encoder.DualEncoder)
     flush_rows: int = 4096
     flush_seconds: float = 30.0
     lock_wait: float = 0.0
@@ -222,7 +223,8 @@ def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, e
 
     t0 = time.perf_counter()
     if encoder is None:
-        encoder = load_encoder(settings.model, device=settings.device, precision=settings.precision)
+        encoder = load_encoder(settings.model, device=settings.device, precision=settings.precision,
+                               runtime=settings.runtime)
     times["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

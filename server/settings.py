@@ -24,7 +24,7 @@ class ServeSettings:
         refused before decoding; None: the indexer's one limit).
     max_k: the most results one search may ask for.
     model: the model ``POST /index`` indexes a new collection with (a collection keeps the one it records).
-    device: where the encoders run; decoder: the built-in answering decoder (empty: the shipped one).
+    device: where the encoders run; runtime: what runs their towers (torch, onnx, auto); decoder: the built-in answering decoder (empty: the shipped one).
     recheck_seconds: how often a collection's table versions are compared with what is loaded (a collection
         that changed, by an index run of this server or any other process, is reopened on its next request).
     """
@@ -41,6 +41,7 @@ class ServeSettings:
     max_k: int = 1000
     model: str = DEFAULT_MODEL
     device: str = "auto"
+    runtime: str = "torch"
     decoder: str = ""
     recheck_seconds: float = 1.0
 

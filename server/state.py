@@ -80,7 +80,7 @@ class ServerState:
             if spec not in self._encoders:
                 from clipdex.retrieval.models.encoder import load_encoder
 
-                self._encoders[spec] = load_encoder(spec, device=self.settings.device)
+                self._encoders[spec] = load_encoder(spec, device=self.settings.device, runtime=self.settings.runtime)
             return self._encoders[spec]
 
     def collection(self, name: str) -> LoadedCollection:

@@ -102,6 +102,9 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 SPEC_HELP = ("model spec: a built-in name (clipdex-world), ARCH:TAG (ViT-B-32:laion2b_s34b_b79k), ARCH:random, "
              "ARCH:/path/weights.pt, hf-hub:ORG/REPO, or a checkpoint path")
+RUNTIME_HELP = ("what runs the encoder's towers: torch (PyTorch), onnx (ONNX Runtime on the CPU, from an export of "
+                "the weights made once and cached, checked against PyTorch: pip install 'clipdex[onnx]'), auto (onnx "
+                "on the CPU when installed, else torch)")
 DEVICE_HELP = "where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:1"
 PRECISION_HELP = ("GPU arithmetic: auto and bf16 use bf16 autocast on CUDA, fp16 float16 autocast, fp32 none; "
                   "CPU always runs fp32")

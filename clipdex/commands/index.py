@@ -8,6 +8,7 @@ import json
 from clipdex.commands.argtypes import (
     DEVICE_HELP,
     PRECISION_HELP,
+    RUNTIME_HELP,
     SPEC_HELP,
     WORKERS_HELP,
     int_at_least,
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--workers", type=int_at_least(0), default=None, metavar="N", help=WORKERS_HELP)
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
+    g.add_argument("--runtime", default="torch", choices=["torch", "onnx", "auto"], help=RUNTIME_HELP)
     g.add_argument("--flush-rows", type=int_at_least(1), default=4096, metavar="N",
                    help="images written to LanceDB per append (larger: fewer table fragments)")
     g.add_argument("--exact-threshold", type=int_at_least(0), default=50_000, metavar="N",
@@ -64,7 +66,7 @@ def _index(args) -> int:
 
     settings = IndexSettings(source=args.source, db=args.db, collection=args.collection, model=args.model,
                              split=args.split, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                             precision=args.precision, rehash=args.rehash, flush_rows=args.flush_rows, build_index=not args.no_faiss,
+                             precision=args.precision, runtime=args.runtime, rehash=args.rehash, flush_rows=args.flush_rows, build_index=not args.no_faiss,
                              lock_wait=args.wait,
                              index=IndexConfig(exact_threshold=args.exact_threshold))
     summary = run_index(settings, progress=not (args.json or args.no_progress))

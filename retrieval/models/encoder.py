@@ -148,10 +148,33 @@ def _checkpoint_file(path: Path) -> Path:
     return path
 
 
-class DualEncoder:
-    """Embeds images and texts into one space; every output row is L2-normalised float32."""
+RUNTIMES = ("torch", "onnx", "auto")
 
-    def __init__(self, loaded: LoadedModel, *, device: str = "auto", precision: str = "auto"):
+
+def resolve_runtime(runtime: str, *, device: str) -> str:
+    """``torch`` or ``onnx`` for a ``--runtime`` choice: ``auto`` is ONNX Runtime on the CPU when it is
+    installed, PyTorch otherwise; ``onnx`` needs the CPU."""
+    from clipdex.retrieval.models import onnx_runtime
+
+    device = str(device)
+    if runtime not in RUNTIMES:
+        raise ModelSpecError(f"runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if runtime == "auto":
+        return "onnx" if device == "cpu" and onnx_runtime.available() else "torch"
+    if runtime == "onnx" and device != "cpu":
+        raise ModelSpecError(f"--runtime onnx runs on the CPU; the device is {device} (use --runtime torch there)")
+    return runtime
+
+
+class DualEncoder:
+    """Embeds images and texts into one space; every output row is L2-normalised float32.
+
+    ``runtime``: ``torch`` runs the towers in PyTorch; ``onnx`` in ONNX Runtime from an export of these weights
+    (:mod:`clipdex.retrieval.models.onnx_runtime`: made once, cached, checked against PyTorch fp32);
+    ``auto`` picks ONNX Runtime on the CPU when it is installed. The matcher's token features
+    (:meth:`text_query`, :meth:`text_states`) always come from PyTorch."""
+
+    def __init__(self, loaded: LoadedModel, *, device: str = "auto", precision: str = "auto", runtime: str = "torch"):
         self.device = resolve_device(device)
         self.precision = precision
         self.loaded = loaded
@@ -172,6 +195,12 @@ class DualEncoder:
             std=tuple(float(x) for x in cfg.get("std", ())),
             weights=weights_fingerprint(self.model),
         )
+        self.runtime = resolve_runtime(runtime, device=self.device)
+        self.onnx = None
+        if self.runtime == "onnx":
+            from clipdex.retrieval.models.onnx_runtime import load_towers
+
+            self.onnx = load_towers(self, threads=torch.get_num_threads())
 
     @property
     def context_length(self) -> int:
@@ -197,6 +226,9 @@ class DualEncoder:
     @torch.no_grad()
     def encode_image_tensors(self, pixels: torch.Tensor) -> torch.Tensor:
         """Embed a preprocessed batch (B, 3, H, W); returns (B, D) normalised, on the model's device."""
+        if self.onnx is not None:
+            feats, _ = self.onnx.encode_image(pixels.numpy())
+            return F.normalize(torch.from_numpy(feats), dim=-1)
         with autocast(self.device, self.precision):
             feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return F.normalize(feats.float(), dim=-1)
@@ -210,6 +242,9 @@ class DualEncoder:
     def encode_image_grid_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A preprocessed batch's normalised embeddings (B, D) and patch-token grids (B, cells, width) in
         fp16, from one forward pass; both on the CPU."""
+        if self.onnx is not None and self.onnx.grid:
+            feats, grid = self.onnx.encode_image(pixels.numpy())
+            return F.normalize(torch.from_numpy(feats), dim=-1), torch.from_numpy(grid).half()
         with autocast(self.device, self.precision):
             pooled, grid = image_tokens(self.model, pixels.to(self.device, non_blocking=True))
         return F.normalize(pooled.float(), dim=-1).cpu(), grid.half().cpu()
@@ -254,8 +289,11 @@ class DualEncoder:
         out = np.zeros((len(texts), self.info.embed_dim), np.float32)
         for i in range(0, len(texts), batch_size):
             idx = order[i:i + batch_size]
-            with autocast(self.device, self.precision):
-                feats = encode_text_trimmed(self.model, tokens[idx].to(self.device))
+            if self.onnx is not None:
+                feats = torch.from_numpy(self.onnx.encode_text(tokens[idx].numpy()))
+            else:
+                with autocast(self.device, self.precision):
+                    feats = encode_text_trimmed(self.model, tokens[idx].to(self.device))
             out[idx.numpy()] = F.normalize(feats.float(), dim=-1).cpu().numpy()
         return out
 
@@ -287,11 +325,12 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
     return x @ model.text_projection if model.text_projection is not None else x
 
 
-def load_encoder(spec: str | ModelSpec = "clipdex-world", *, device: str = "auto", precision: str = "auto") -> DualEncoder:
-    """Load the model a spec names (see :mod:`clipdex.retrieval.models.spec`) ready for inference. An
-    ``ARCH:random`` spec gives the same weights on every load (seed :data:`RANDOM_INIT_SEED`), so a collection
-    indexed with it can be searched with it."""
-    return DualEncoder(build_model(spec, seed=RANDOM_INIT_SEED), device=device, precision=precision)
+def load_encoder(spec: str | ModelSpec = "clipdex-world", *, device: str = "auto", precision: str = "auto",
+                 runtime: str = "torch") -> DualEncoder:
+    """Load the model a spec names (see :mod:`clipdex.retrieval.models.spec`) ready for inference, its towers
+    run by ``runtime`` (see :class:`DualEncoder`). An ``ARCH:random`` spec gives the same weights on every load
+    (seed :data:`RANDOM_INIT_SEED`), so a collection indexed with it can be searched with it."""
+    return DualEncoder(build_model(spec, seed=RANDOM_INIT_SEED), device=device, precision=precision, runtime=runtime)
 
 
 GRID_SIDE = 4  # the stored patch-token grid is GRID_SIDE x GRID_SIDE cells (the image tower's tokens averaged)
@@ -315,10 +354,12 @@ def image_tokens(model: torch.nn.Module, pixels: torch.Tensor, *, side: int = GR
     pooled, tokens = v._pool(x)
     if v.proj is not None:
         pooled = pooled @ v.proj
-    b, n, w = tokens.shape
-    g = int(round(n ** 0.5))
-    grid = tokens.transpose(1, 2).reshape(b, w, g, g)
-    grid = F.adaptive_avg_pool2d(grid, side).reshape(b, w, side * side).transpose(1, 2)
+    _, n, w = tokens.shape
+    g = int(round(int(n) ** 0.5))  # int(): a constant when traced for export (the patch count is fixed)
+    grid = tokens.transpose(1, 2).reshape(-1, int(w), g, g)
+    # the same average when the patches divide evenly into cells, in a form the ONNX exporter can write
+    grid = F.avg_pool2d(grid, g // side) if g % side == 0 else F.adaptive_avg_pool2d(grid, side)
+    grid = grid.reshape(-1, int(w), side * side).transpose(1, 2)
     return pooled, grid
 
 

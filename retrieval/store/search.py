@@ -109,8 +109,10 @@ class SearchCollection:
     a found one is skipped with a warning and the reason in :meth:`rerank_info`."""
 
     def __init__(self, collection: Collection, *, model: str | None = None, device: str = "auto",
-                 index_config: IndexConfig = IndexConfig(), encoder=None, matcher: str | Path | None = None):
+                 index_config: IndexConfig = IndexConfig(), encoder=None, matcher: str | Path | None = None,
+                 runtime: str = "torch"):
         self.collection = collection
+        self.runtime = runtime
         self._matcher_file = Path(matcher) if matcher is not None else None
         self._matcher = None  # (LoadedMatcher or None, reason or None), once looked for
         self.info = collection.encoder_info()
@@ -129,7 +131,7 @@ class SearchCollection:
         if self._encoder is None:
             from clipdex.retrieval.models.encoder import load_encoder
 
-            enc = load_encoder(self._model or self.info.spec, device=self.device)
+            enc = load_encoder(self._model or self.info.spec, device=self.device, runtime=self.runtime)
             self.collection.check_encoder(enc.info)
             self._encoder = enc
         return self._encoder
@@ -313,10 +315,11 @@ class SearchCollection:
 
 def open_collection(db: str | Path, *, collection: str = DEFAULT_COLLECTION, model: str | None = None,
                     device: str = "auto", index_config: IndexConfig = IndexConfig(),
-                    matcher: str | Path | None = None) -> SearchCollection:
-    """Open a collection of a database folder for search (the encoder loads on the first query)."""
+                    matcher: str | Path | None = None, runtime: str = "torch") -> SearchCollection:
+    """Open a collection of a database folder for search (the encoder loads on the first query, its towers run
+    by ``runtime``: torch, onnx or auto)."""
     return SearchCollection(Database(db).open(collection), model=model, device=device, index_config=index_config,
-                            matcher=matcher)
+                            matcher=matcher, runtime=runtime)
 
 
 __all__ = ["DEFAULT_RERANK", "SCORE_LIMIT", "Hit", "RerankInfo", "SearchCollection", "glob_to_like", "open_collection"]
