@@ -6,8 +6,8 @@ list as a manifest (``<db>/_app_listings/``, beside a sidecar naming the folder 
 The indexer reports progress through its ``on_progress`` hook after every batch; the page reads the
 latest count. The job reuses the app's loaded encoder when the collection's model is already loaded.
 One job runs per database at a time (the app), or per collection (``clipdex serve``: ``IndexJobs(per="collection")``).
-A job asked to stop (:meth:`IndexJobs.stop_all`, at a server's shutdown) ends after the batch it is on: what
-it committed stays, the rest is indexed by the next run.
+A job asked to stop (:meth:`IndexJobs.stop_all`, at a server's shutdown) ends after the batch it is on and
+commits every batch it embedded; the next run indexes the rest.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from clipdex.app.inputs import confine_listing, resolved_roots
 from clipdex.exceptions import ClipdexError
 from clipdex.files import atomic_write
 from clipdex.indexer.reader import SourceItem, read_folder
-from clipdex.indexer.runner import IndexSettings, run_index
+from clipdex.indexer.runner import IndexSettings, IndexStopped, run_index
 
 LISTINGS = "_app_listings"  # under the database folder: the manifests of the folders indexed from the app
 
@@ -35,9 +35,6 @@ logger = logging.getLogger(__name__)
 class JobRunningError(ClipdexError):
     """An index run was asked for while another one into the same collection (or database) is going on."""
 
-
-class JobStopped(ClipdexError):
-    """Raised inside a job's progress hook when it was asked to stop: the indexer ends after its batch."""
 
 
 @dataclass
@@ -70,12 +67,13 @@ class IndexJob:
         return self.handled
 
     def on_progress(self, done: int, total: int) -> None:
-        """The indexer's progress hook; raises :class:`JobStopped` once the job was asked to stop."""
+        """The indexer's progress hook; raises :class:`~clipdex.indexer.runner.IndexStopped` once the job was
+        asked to stop (the indexer then commits what it embedded)."""
         self.handled, self.total = done, total
         if self.stop.is_set():
-            raise JobStopped(f"the index run into {self.settings.collection!r} was stopped after {done} of "
-                             f"{total} files (the server shut down); what it committed is kept, run it again "
-                             "for the rest")
+            raise IndexStopped(f"the index run into {self.settings.collection!r} was stopped after {done} of "
+                               f"{total} files (the server shut down); they are committed, run it again for the "
+                               "rest")
 
     def as_dict(self) -> dict:
         """The job as JSON: id, collection, folder, running, done, total, seconds, refused, summary, error."""

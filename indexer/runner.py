@@ -146,12 +146,18 @@ def _check_id_clash(collection: Collection, source: str, todo: list[SourceItem])
 ProgressHook = Callable[[int, int], None]  # (files of the source handled so far, files in the source)
 
 
+class IndexStopped(StoreError):
+    """Raised by a progress hook to end a run after the batch it is on; the run commits what it embedded
+    (a re-run indexes the rest) and re-raises it."""
+
+
 def run_index(settings: IndexSettings, *, progress: bool = True, on_progress: ProgressHook | None = None,
               encoder=None) -> dict:
     """Index ``settings.source`` into the collection; returns the JSON summary (counts, timings, failures).
 
     ``on_progress(done, total)`` is called once the plan is made and after every batch (done counts the
-    unchanged files too). ``encoder``: an already loaded :class:`DualEncoder` for ``settings.model`` (a long-
+    unchanged files too); it may raise :class:`IndexStopped` to end the run there, with what was embedded
+    committed. ``encoder``: an already loaded :class:`DualEncoder` for ``settings.model`` (a long-
     lived process such as the app reuses its own instead of loading a second copy)."""
     from clipdex.retrieval.models.images import default_workers
     from clipdex.retrieval.models.spec import parse_model_spec
@@ -280,6 +286,9 @@ def _index_loop(settings: IndexSettings, prep: _Prepared, pool: DecodePool, *, p
             bar.set_postfix(failed=len(failures) - len(listing.missing), refresh=False)
             t_wait = time.perf_counter()
         writer.flush()
+    except IndexStopped:
+        writer.flush()  # every row it holds is whole: keep them
+        raise
     finally:
         bar.close()
     return _Loop(writer, embedder.seconds, failures, wait, decode_cpu, time.perf_counter() - t_loop)

@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--host says otherwise, and any other address needs --token-file (every request but /health and the "
         "docs must then send 'Authorization: Bearer <token>'). clip-retrieval's clients work unchanged against "
         "/knn-service, /indices-list and /metadata. SIGTERM or Ctrl-C stops it: a running index job stops "
-        "after its batch, keeping what it committed.",
+        "after its batch and commits what it embedded.",
         epilog="examples:\n"
         "  clipdex serve --db clipdex-data/demo-world/db      # http://127.0.0.1:8600, docs at /docs\n"
         "  curl -s localhost:8600/search -d '{\"text\": \"a red circle\", \"k\": 3}'\n"
