@@ -98,6 +98,12 @@ def test_only_the_server_and_its_command_import_the_web_framework():
         "clipdex.app.collections", "clipdex.app.inputs", "clipdex.app.jobs")], streamlit
 
 
+def test_only_the_onnx_runtime_module_imports_onnxruntime():
+    _, imports = _graph()
+    callers = sorted(m for m, names in imports.items() if any(n.split(".")[0] == "onnxruntime" for n in names))
+    assert callers == ["clipdex.retrieval.models.onnx_runtime"], callers
+
+
 def test_library_modules_do_not_parse_arguments():
     _, imports = _graph()
     parsing = sorted(m for m, names in imports.items() if "argparse" in names
