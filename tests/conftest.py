@@ -21,20 +21,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several workers: one thread 
         os.environ[_var] = "1"
 
 
-SPREAD = {"test_cli.py", "test_train.py"}  # independent slow tests: each to whichever worker is free
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``--dist loadgroup``), a file's tests stay on one worker (its module fixtures are
-    built once, its tests keep their order), except the files in :data:`SPREAD`, whose slow, independent tests
-    are spread over the workers one by one (they would otherwise queue behind each other)."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        if item.path.name not in SPREAD:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-
-
 @pytest.fixture(scope="session")
 def tiny_world(tmp_path_factory) -> Path:
     """A small world: 800 train, 200 test, 60 corpus, 4 landmarks; returns the manifest path."""
