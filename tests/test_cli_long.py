@@ -38,7 +38,7 @@ def test_demo_runs_on_the_embedded_default(tmp_path):
 def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_path):
     """ARCH:/path fine-tuning of a real open_clip architecture on a user's CSV of image-caption pairs.
 
-    No weights can be downloaded here, so the 'pretrained' file is a randomly initialised ViT-B-32 saved
+    No weights can be downloaded here, so the 'pretrained' file is a randomly initialised ViT-S-32 saved
     in open_clip's state-dict format, as a downloaded checkpoint would be.
     """
     import open_clip
@@ -48,7 +48,7 @@ def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_pa
 
     torch.manual_seed(0)
     start = tmp_path / "open_clip_pytorch_model.pt"
-    torch.save(open_clip.create_model("ViT-B-32").state_dict(), start)
+    torch.save(open_clip.create_model("ViT-S-32").state_dict(), start)
     pairs = load_pairs(tiny_world, split="train").head(8)
     manifest = tmp_path / "pairs.csv"
     with open(manifest, "w", newline="") as f:
@@ -56,12 +56,12 @@ def test_finetune_real_open_clip_architecture_from_local_file(tiny_world, tmp_pa
         w.writerow(["path", "caption"])
         for p, caps in zip(pairs.paths, pairs.captions):
             w.writerow([str(p), caps[0]])
-    run_cli("train", "--manifest", str(manifest), "--model", f"ViT-B-32:{start}", "--train-split", "",
+    run_cli("train", "--manifest", str(manifest), "--model", f"ViT-S-32:{start}", "--train-split", "",
             "--eval-split", "", "--batch-size", "4", "--max-steps", "2", "--warmup-steps", "1", "--lr", "1e-5",
             "--workers", "0", "--out", str(tmp_path / "ft"))
     tuned = tmp_path / "ft" / "model.safetensors"
     meta = ckpt.read_meta(tuned)
-    assert meta.arch == "ViT-B-32" and meta.records["training"]["steps"] == 2
+    assert meta.arch == "ViT-S-32" and meta.records["training"]["steps"] == 2
     before = torch.load(start, weights_only=True)["visual.proj"]
     after = ckpt.load_state_dict(tuned)["visual.proj"]
     assert not torch.equal(before, after), "fine-tuning changed nothing"
