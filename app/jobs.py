@@ -36,7 +36,6 @@ class JobRunningError(ClipdexError):
     """An index run was asked for while another one into the same collection (or database) is going on."""
 
 
-
 @dataclass
 class IndexJob:
     """One index run: its settings, the folder's image count, and when done its summary or its error."""

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from clipdex.app.settings import AppSettings
-from clipdex.commands.argtypes import DEVICE_HELP
+from clipdex.commands.argtypes import DEVICE_HELP, read_first_line
 from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB
 
 ENTRY = Path(str(resources.files("clipdex.app") / "main.py"))
@@ -86,15 +86,9 @@ def is_loopback(host: str) -> bool:
 
 def read_password(password_file: str | None, *, env: dict[str, str]) -> str:
     """The app's password: the first line of ``password_file``, else ``CLIPDEX_APP_PASSWORD``, else empty."""
-    from clipdex.exceptions import ClipdexError
-
     if password_file is None:
         return env.get(PASSWORD_ENV, "")
-    try:
-        lines = Path(password_file).expanduser().read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ClipdexError(f"--password-file {password_file}: cannot read it ({e})") from e
-    return lines[0] if lines else ""
+    return read_first_line(password_file, flag="--password-file")
 
 
 def check_exposure(host: str, *, password: str) -> None:

@@ -102,6 +102,20 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 SPEC_HELP = ("model spec: a built-in name (clipdex-world), ARCH:TAG (ViT-B-32:laion2b_s34b_b79k), ARCH:random, "
              "ARCH:/path/weights.pt, hf-hub:ORG/REPO, or a checkpoint path")
+def read_first_line(path: str, *, flag: str) -> str:
+    """The first line of a secret file named by ``flag`` (a password or token file); empty if the file is;
+    ClipdexError naming the flag when it cannot be read."""
+    from pathlib import Path
+
+    from clipdex.exceptions import ClipdexError
+
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClipdexError(f"{flag} {path}: cannot read it ({e})") from e
+    return lines[0] if lines else ""
+
+
 RUNTIME_HELP = ("what runs the encoder's towers: torch (PyTorch), onnx (ONNX Runtime on the CPU, from an export of "
                 "the weights made once and cached, checked against PyTorch: pip install 'clipdex[onnx]'), auto (onnx "
                 "on the CPU when installed, else torch)")

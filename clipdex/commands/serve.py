@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipdex.commands.argtypes import DEVICE_HELP, RUNTIME_HELP, int_at_least
+from clipdex.commands.argtypes import DEVICE_HELP, RUNTIME_HELP, int_at_least, read_first_line
 from clipdex.retrieval.store.record import DEFAULT_DB
 
 MIN_TOKEN = 16
@@ -68,11 +68,7 @@ def read_token(token_file: str | None) -> str:
 
     if token_file is None:
         return ""
-    try:
-        lines = Path(token_file).expanduser().read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ClipdexError(f"--token-file {token_file}: cannot read it ({e})") from e
-    token = lines[0].strip() if lines else ""
+    token = read_first_line(token_file, flag="--token-file").strip()
     if len(token) < MIN_TOKEN:
         raise ClipdexError(f"--token-file {token_file}: the token is {len(token)} characters; use at least "
                            f"{MIN_TOKEN} (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")

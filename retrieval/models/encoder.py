@@ -306,14 +306,28 @@ def encode_text_trimmed(model: torch.nn.Module, tokens: torch.Tensor) -> torch.T
     makes short captions several times cheaper (a 15-token caption in a 77-token context). Any other model
     goes through ``encode_text`` unchanged.
     """
-    from open_clip.model import CLIP, text_global_pool
-
-    if not (type(model) is CLIP and model.text_pool_type == "argmax" and model.attn_mask is not None):
+    if not trims_text(model):
         return model.encode_text(tokens)
     n = int(tokens.argmax(dim=-1).max()) + 1  # position of the last end-of-text token, plus one
     if n >= tokens.shape[1]:
         return model.encode_text(tokens)
-    text = tokens[:, :n]
+    return encode_trimmed_tokens(model, tokens[:, :n])
+
+
+def trims_text(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s text tower is open_clip's CLIP with causal attention and end-of-text pooling, whose
+    padding after the last end-of-text token cannot change the output (see :func:`encode_text_trimmed`)."""
+    from open_clip.model import CLIP
+
+    return type(model) is CLIP and model.text_pool_type == "argmax" and model.attn_mask is not None
+
+
+def encode_trimmed_tokens(model: torch.nn.Module, text: torch.Tensor) -> torch.Tensor:
+    """The text embeddings of token ids already cut to the batch's longest caption (B, n), for a model that
+    :func:`trims_text`; the length is read from the shape (so an ONNX export keeps it dynamic)."""
+    from open_clip.model import text_global_pool
+
+    n = text.shape[1]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast_dtype)  # (B, n, C)
     x = x + model.positional_embedding[:n].to(cast_dtype)
@@ -370,9 +384,7 @@ def text_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> tuple[torch.Ten
     embeddings are there because a contrastively trained tower's final states keep little of which spatial
     word stood where (clipdex-world: "left" vs "right" in the same caption, cosine 0.985 after the last
     layer, 0.46 as embeddings). Needs open_clip's CLIP with causal attention and end-of-text pooling."""
-    from open_clip.model import CLIP
-
-    if not (type(model) is CLIP and model.text_pool_type == "argmax" and model.attn_mask is not None):
+    if not trims_text(model):
         raise ModelSpecError("patch-token re-ranking needs an open_clip CLIP text tower (causal, end-of-text pooled)")
     eot = tokens.argmax(dim=-1)
     n = int(eot.max()) + 1

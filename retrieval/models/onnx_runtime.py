@@ -89,7 +89,8 @@ def _text_module(model):
     """A module computing the text embedding from token ids, trimmed when the tower allows it (see the
     module docstring); (module, trimmed)."""
     import torch
-    from open_clip.model import CLIP
+
+    from clipdex.retrieval.models.encoder import encode_trimmed_tokens, trims_text
 
     class TrimmedText(torch.nn.Module):
         def __init__(self, m):
@@ -97,14 +98,7 @@ def _text_module(model):
             self.m = m
 
         def forward(self, tokens):
-            m, n = self.m, tokens.shape[1]
-            x = m.token_embedding(tokens) + m.positional_embedding[:n]
-            x = m.transformer(x, attn_mask=m.attn_mask[:n, :n])
-            x = m.ln_final(x)
-            x = x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)]
-            if isinstance(m.text_projection, torch.nn.Linear):
-                return m.text_projection(x)
-            return x @ m.text_projection if m.text_projection is not None else x
+            return encode_trimmed_tokens(self.m, tokens)
 
     class FullText(torch.nn.Module):
         def __init__(self, m):
@@ -114,7 +108,7 @@ def _text_module(model):
         def forward(self, tokens):
             return self.m.encode_text(tokens)
 
-    if type(model) is CLIP and model.text_pool_type == "argmax" and model.attn_mask is not None:
+    if trims_text(model):
         return TrimmedText(model), True
     return FullText(model), False
 
