@@ -22,6 +22,7 @@ from clipdex.exceptions import StoreError
 from clipdex.files import atomic_write, hash_file, remove_stale_temp_files
 from clipdex.indexer.decode import DecodePool
 from clipdex.indexer.embed import Embedder
+from clipdex.indexer.ray_engine import RayConfig
 from clipdex.indexer.reader import SourceItem, SourceListing, read_source
 from clipdex.indexer.writer import StoreWriter
 from clipdex.retrieval.models.images import DEFAULT_MAX_PIXELS
@@ -55,6 +56,8 @@ class IndexSettings:
         matcher re-ranks text searches with; 8 KiB per image for clipdex-world, about 7.6 GiB per million
         images). An existing collection keeps what it was made with.
     decode_timeout: a batch slower than this per file is retried file by file; a file that hangs is skipped.
+    engine: "local", or "ray" to run the decode, embed and write stages on a Ray cluster (``ray``: which one and
+        how; the same plan, rows, failures and FAISS build as the local engine).
     """
 
     source: str
@@ -78,6 +81,8 @@ class IndexSettings:
     build_index: bool = True
     grids: bool = True
     index: IndexConfig = field(default_factory=IndexConfig)
+    engine: str = "local"  # local (this process and its decoding workers) or ray (Ray Data: see ray_engine)
+    ray: RayConfig = field(default_factory=RayConfig)  # where and how the ray engine runs
 
 
 @dataclass
@@ -143,6 +148,7 @@ def _check_id_clash(collection: Collection, source: str, todo: list[SourceItem])
                          f"(e.g. {clash[0]!r} from {other[clash[0]]}); index this source into another --collection")
 
 
+ENGINES = ("local", "ray")
 ProgressHook = Callable[[int, int], None]  # (files of the source handled so far, files in the source)
 
 
@@ -165,6 +171,13 @@ def run_index(settings: IndexSettings, *, progress: bool = True, on_progress: Pr
     t_start = time.perf_counter()
     check_name(settings.collection)  # a bad name fails before the database folder is created
     parse_model_spec(settings.model)  # a mistyped spec fails before any work
+    if settings.engine not in ENGINES:
+        raise StoreError(f"unknown engine {settings.engine!r}: use one of {', '.join(ENGINES)}")
+    if settings.engine == "ray":  # decoding happens in Ray tasks: no local pool
+        from clipdex.indexer.ray_engine import ray_session
+
+        with ray_session(settings.ray), DecodePool(0) as pool:
+            return _run(settings, pool, progress=progress, t_start=t_start, on_progress=on_progress, encoder=encoder)
     workers = default_workers() if settings.workers is None else settings.workers
     with DecodePool(workers, timeout=settings.decode_timeout) as pool:  # started first: ready when needed
         return _run(settings, pool, progress=progress, t_start=t_start, on_progress=on_progress, encoder=encoder)
@@ -187,12 +200,13 @@ class _Prepared:
 class _Loop:
     """What the index loop did: the writer (rows written, its seconds), failures and decode timings."""
 
-    writer: StoreWriter
+    writer: StoreWriter  # or the Ray engine's FragmentCommitter: written, commits, seconds
     embed_seconds: float
     failures: list[dict]
-    decode_wait: float
+    decode_wait: float | None  # None: not measured (the Ray engine's stages overlap on other machines)
     decode_cpu: float
     seconds: float
+    engine: dict = field(default_factory=lambda: {"name": "local"})
 
 
 def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float,
@@ -205,7 +219,12 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
         if removed:
             logger.warning("removed %d files a killed run left in %s", len(removed), db.path / "_faiss")
         prep = _prepare(settings, listing, db, encoder=encoder, times=times)
-        loop = _index_loop(settings, prep, pool, progress=progress, on_progress=on_progress)
+        if settings.engine == "ray":
+            from clipdex.indexer.ray_engine import index_loop as ray_index_loop
+
+            loop = ray_index_loop(settings, prep, progress=progress, on_progress=on_progress)
+        else:
+            loop = _index_loop(settings, prep, pool, progress=progress, on_progress=on_progress)
         return _finish(settings, prep, loop, workers=pool.workers, times=times, t_start=t_start)
 
 
@@ -325,9 +344,11 @@ def _finish(settings: IndexSettings, prep: _Prepared, loop: _Loop, *, workers: i
     times["faiss"] = time.perf_counter() - t0
     times.update({"decode_wait": loop.decode_wait, "decode_worker_cpu": loop.decode_cpu, "embed": loop.embed_seconds,
                   "write": writer.seconds, "index_loop": loop.seconds, "total": time.perf_counter() - t_start})
+    times = {k: v for k, v in times.items() if v is not None}
     summary = {
         "source": listing.source, "db": str(prep.db.path), "collection": settings.collection,
         "model": prep.encoder.info.spec, "device": str(prep.encoder.device), "workers": workers,
+        "engine": loop.engine,
         "counts": {"seen": len(listing.items) + len(listing.missing), "new": plan.new, "changed": plan.changed,
                    "unchanged": plan.unchanged, "removed": plan.removed, "indexed": writer.written,
                    "failed": len(loop.failures), "ignored_non_images": len(listing.ignored),

@@ -104,6 +104,14 @@ def test_only_the_onnx_runtime_module_imports_onnxruntime():
     assert callers == ["clipdex.retrieval.models.onnx_runtime"], callers
 
 
+def test_only_the_ray_engine_imports_ray_and_only_the_store_record_imports_lance():
+    _, imports = _graph()
+    ray = sorted(m for m, names in imports.items() if any(n.split(".")[0] == "ray" for n in names))
+    assert ray == ["clipdex.indexer.ray_engine"], ray
+    lance = sorted(m for m, names in imports.items() if any(n.split(".")[0] == "lance" for n in names))
+    assert lance == [LANCEDB_MODULE], lance
+
+
 def test_library_modules_do_not_parse_arguments():
     _, imports = _graph()
     parsing = sorted(m for m, names in imports.items() if "argparse" in names

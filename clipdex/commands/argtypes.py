@@ -100,6 +100,22 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def float_at_least(minimum: float) -> Callable[[str], float]:
+    """An argparse ``type`` accepting numbers >= ``minimum`` (fractions too), with a message that says so."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected a number >= {minimum:g}, got {text}")
+        return value
+
+    parse.__name__ = f"float>={minimum:g}"
+    return parse
+
+
 SPEC_HELP = ("model spec: a built-in name (clipdex-world), ARCH:TAG (ViT-B-32:laion2b_s34b_b79k), ARCH:random, "
              "ARCH:/path/weights.pt, hf-hub:ORG/REPO, or a checkpoint path")
 def read_first_line(path: str, *, flag: str) -> str:

@@ -11,6 +11,7 @@ from clipdex.commands.argtypes import (
     RUNTIME_HELP,
     SPEC_HELP,
     WORKERS_HELP,
+    float_at_least,
     int_at_least,
 )
 from clipdex.retrieval.models.registry import DEFAULT_MODEL
@@ -32,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "  clipdex index ~/Pictures                                   # default db and collection\n"
         "  clipdex index ~/Pictures --db ~/clipdex-db --collection photos\n"
         "  clipdex index worlds/demo/manifest.parquet --split corpus --collection world\n"
-        "  clipdex index ~/Pictures --model ViT-B-32:laion2b_s34b_b79k --collection photos-b32 --json")
+        "  clipdex index ~/Pictures --model ViT-B-32:laion2b_s34b_b79k --collection photos-b32 --json\n"
+        "  clipdex index /mnt/archive --db /mnt/shared/db --engine ray --address auto --num-gpus-per-worker 0.5")
     p.add_argument("source", help="a folder of images, or a manifest file")
     p.add_argument("--db", default=DEFAULT_DB, metavar="DIR", help="database folder (created if missing)")
     p.add_argument("--collection", default=DEFAULT_COLLECTION, metavar="NAME", help="collection name")
@@ -51,7 +53,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--exact-threshold", type=int_at_least(0), default=50_000, metavar="N",
                    help="exact FAISS search up to this many vectors, an IVF index above")
     g.add_argument("--no-faiss", action="store_true", help="skip building FAISS indexes (search builds them)")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+    r = p.add_argument_group("ray engine (pip install \"clipdex[ray]\")")
+    r.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this machine. ray: decode, embed and write on a Ray cluster with Ray "
+                   "Data (the same plan, rows, failures and FAISS indexes; the database folder must be reachable "
+                   "at the same path from every node)")
+    r.add_argument("--address", default=None, metavar="ADDR",
+                   help="the Ray cluster: auto (the one `ray start --head` made here), HOST:6379, or "
+                   "ray://HOST:10001 (default: start a local cluster of this machine's cores for the run)")
+    r.add_argument("--num-gpus-per-worker", type=float_at_least(0), default=0.0, metavar="N",
+                   help="GPUs each embed actor takes: 1, or 0.25 for four actors on one GPU; 0: CPU actors")
+    r.add_argument("--embed-actors", type=int_at_least(1), default=None, metavar="N",
+                   help="embed actors, each with its own copy of the model (default: one per GPU share, else 1)")
+    p.add_argument("--wait", type=float_at_least(0), default=0.0, metavar="SECONDS",
                    help="if another run is writing this collection, wait up to this long for it (default: refuse "
                    "at once, naming it)")
     p.add_argument("--rehash", action="store_true", help="hash every file, not only those whose size/mtime changed")
@@ -61,14 +75,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _index(args) -> int:
+    from clipdex.indexer.ray_engine import RayConfig
     from clipdex.indexer.runner import IndexSettings, run_index
     from clipdex.retrieval.store.faiss_index import IndexConfig
 
     settings = IndexSettings(source=args.source, db=args.db, collection=args.collection, model=args.model,
                              split=args.split, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                             precision=args.precision, runtime=args.runtime, rehash=args.rehash, flush_rows=args.flush_rows, build_index=not args.no_faiss,
-                             lock_wait=args.wait,
-                             index=IndexConfig(exact_threshold=args.exact_threshold))
+                             precision=args.precision, runtime=args.runtime, rehash=args.rehash,
+                             flush_rows=args.flush_rows, build_index=not args.no_faiss,
+                             lock_wait=args.wait, index=IndexConfig(exact_threshold=args.exact_threshold),
+                             engine=args.engine,
+                             ray=RayConfig(address=args.address, num_gpus_per_worker=args.num_gpus_per_worker,
+                                           embed_actors=args.embed_actors))
     summary = run_index(settings, progress=not (args.json or args.no_progress))
     if args.json:
         print(json.dumps(summary))
@@ -81,7 +99,9 @@ def _index(args) -> int:
           f"{c['removed']} removed, {c['failed']} failed, {c['ignored_non_images']} non-image files ignored"
           + (f" ({by_ext})" if by_ext else ""))
     if summary["images_per_s"]:
-        print(f"speed: {summary['images_per_s']:.0f} images/s; stage seconds: decode wait {s['decode_wait']:.1f}, "
+        wait = f"decode wait {s['decode_wait']:.1f}, " if "decode_wait" in s else ""
+        workers = " (summed over the Ray workers)" if summary["engine"]["name"] == "ray" else ""
+        print(f"speed: {summary['images_per_s']:.0f} images/s; stage seconds{workers}: {wait}"
               f"embed {s['embed']:.1f}, write {s['write']:.1f}, faiss {s['faiss']:.1f}; total {s['total']:.1f}")
     for name, sc in summary["faiss"].items():
         print(f"faiss {name}: {sc['factory']} over {sc['rows']} vectors, recall@10 vs exact "

@@ -280,10 +280,15 @@ class DualEncoder:
         return np.concatenate(out) if out else np.zeros((0, self.info.embed_dim), np.float32)
 
     @torch.no_grad()
-    def encode_texts(self, texts: Sequence[str], *, batch_size: int = 512) -> np.ndarray:
-        """Embed texts with open_clip's tokenizer; returns (N, D) float32, L2-normalised."""
+    def encode_texts(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
+        """Embed texts with open_clip's tokenizer; returns (N, D) float32, L2-normalised. Texts go in batches of
+        similar length (each trimmed to its longest text); ``batch_size`` None: 512 on a GPU, 32 on the CPU,
+        where every padded token costs its full time (320 captions of 31 tokens on average, up to 75: 2.9 s in
+        one batch, 1.1 s in batches of 32)."""
         if not len(texts):
             return np.zeros((0, self.info.embed_dim), np.float32)
+        if batch_size is None:
+            batch_size = 32 if self.device.type == "cpu" else 512
         tokens = self.tokenizer(list(texts))
         order = torch.argsort(tokens.argmax(dim=-1), stable=True)  # similar lengths share a batch: less padding
         out = np.zeros((len(texts), self.info.embed_dim), np.float32)

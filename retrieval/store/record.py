@@ -4,7 +4,9 @@ Each collection is two LanceDB tables, ``<name>__images`` and ``<name>__captions
 encoder and patch-token grid layout are described in :mod:`clipdex.retrieval.store.schema`: an append or a
 query with another encoder is refused rather than returning nonsense. FAISS indexes
 (:mod:`clipdex.retrieval.store.faiss_index`) are accelerators built from these tables; the tables are always
-the truth. This is the only module that calls LanceDB.
+the truth. This is the only module that calls LanceDB, and Lance (the format under it: the Ray engine's
+workers write data files with :func:`write_fragments`, the run commits them with
+:meth:`Collection.commit_fragments`).
 
 Crash safety: captions are appended before the images they belong to and deleted after them, so the
 images table is the commit point. :meth:`Collection.reconcile` drops captions whose image row is absent,
@@ -326,6 +328,31 @@ class Collection:
         except (OSError, RuntimeError, ValueError) as e:  # LanceDB reports I/O failures as several types
             raise StoreError(f"could not write to {self.database.path} (disk full?): {e}") from e
 
+    def fragment_targets(self) -> dict[str, tuple[str, pa.Schema]]:
+        """Each table's Lance folder and the schema its rows must have, by table: what a distributed writer
+        (the Ray engine's workers, which open no database) needs for :func:`write_fragments`."""
+        return {t: (str(self.table_folder(t)), self._table(t).schema) for t in TABLES}
+
+    def commit_fragments(self, *, images: list[str], captions: list[str], replace: list[str] = ()) -> None:
+        """Add fragments that :func:`write_fragments` wrote (their JSON metadata) to the tables: the old rows of
+        ``replace`` ids go first, then one commit adds the caption fragments and one the image fragments (the
+        commit point, as in :meth:`append`). Call it only while holding the collection's writer lock."""
+        import lance
+        from lance.fragment import FragmentMetadata
+
+        if replace:
+            self.delete_images(list(replace))
+        try:
+            for table, frags in (("captions", captions), ("images", images)):
+                if not frags:
+                    continue
+                uri = str(self.table_folder(table))
+                version = lance.dataset(uri).version
+                lance.LanceDataset.commit(uri, lance.LanceOperation.Append(
+                    [FragmentMetadata.from_json(f) for f in frags]), read_version=version)
+        except (OSError, RuntimeError, ValueError) as e:  # Lance reports I/O failures as several types
+            raise StoreError(f"could not commit to {self.database.path} (disk full?): {e}") from e
+
     def delete_images(self, ids: list[str]) -> None:
         """Delete images and then their captions."""
         for chunk in _chunks(ids, _IN_LIST):
@@ -425,6 +452,20 @@ class Collection:
         """Every row of ``table`` in batches (for a full check); read errors come as :class:`CorruptStoreError`."""
         with self._reading(table, "read every row of"):
             yield from self._table(table).search().select(columns).limit(None).to_batches(batch_rows)
+
+
+def write_fragments(uri: str, schema: pa.Schema, rows: pa.Table) -> list[str]:
+    """Write ``rows`` as new data files of the Lance table at ``uri`` (a :meth:`Collection.fragment_targets`
+    entry), uncommitted: no reader sees them until :meth:`Collection.commit_fragments` adds them, and files of a
+    run that never commits are deleted by the next run's compaction. Returns the fragments' metadata as JSON
+    (what travels back to the committer). Runs in any process that can reach ``uri``; opens no database."""
+    from lance.fragment import write_fragments as lance_write_fragments
+
+    try:
+        frags = lance_write_fragments(rows.cast(schema), uri, schema=schema, mode="append")
+    except (OSError, RuntimeError, ValueError) as e:
+        raise StoreError(f"could not write data files into {uri} (disk full?): {e}") from e
+    return [json.dumps(f.to_json()) for f in frags]
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:

@@ -1,0 +1,145 @@
+"""``clipdex index --engine ray`` on a local Ray cluster (started here: two CPUs, no network): the collection it
+makes equals the local engine's, and it survives a killed run and a killed embed worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import run_cli
+
+ray = pytest.importorskip("ray", reason="the dev extra installs Ray; without it this file cannot run")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster for the file's in-process runs (the engine joins it instead of starting its own)."""
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def _table(db: Path, collection: str, table: str) -> pa.Table:
+    from clipdex.retrieval.store.record import Database
+
+    col = Database(db).open(collection)
+    return col.rows(columns=col.fragment_targets()[table][1].names, table=table).sort_by("id")
+
+
+def _assert_same_collection(got_db: Path, want_db: Path, got: str, want: str) -> None:
+    """The same rows (ids, every column, vectors and grids within float tolerance) and schema metadata."""
+    for table in ("images", "captions"):
+        a, b = _table(got_db, got, table), _table(want_db, want, table)
+        assert a.schema.equals(b.schema, check_metadata=True), table
+        assert a.num_rows == b.num_rows and a["id"].to_pylist() == b["id"].to_pylist(), table
+        for name in a.column_names:
+            if name == "vector":
+                np.testing.assert_allclose(np.array(a[name].to_pylist()), np.array(b[name].to_pylist()), atol=1e-5)
+            elif name == "grid":
+                grids = [np.array([np.frombuffer(g, np.float16) for g in t[name].to_pylist()], np.float32)
+                         for t in (a, b)]
+                np.testing.assert_allclose(*grids, atol=2e-3)
+            else:
+                assert a[name].to_pylist() == b[name].to_pylist(), (table, name)
+
+
+def test_ray_engine_makes_the_local_engines_collection(tiny_world, ray_cluster, tmp_path):
+    """A manifest of the corpus split plus a corrupt file and a missing one, indexed by both engines: the same
+    ids, vectors, grids, captions, schema metadata, failures and search results."""
+    world = pq.read_table(tiny_world, columns=["id", "path", "split", "captions"]).to_pylist()
+    base = Path(tiny_world).parent
+    corpus = [{"id": r["id"], "path": str(base / r["path"]), "captions": r["captions"]}
+              for r in world if r["split"] == "corpus"][:40]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    extra = [{"id": "bad/corrupt", "path": str(corrupt), "captions": ["a corrupt file"]},
+             {"id": "bad/missing", "path": str(tmp_path / "gone.jpg"), "captions": ["a missing file"]}]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(corpus + extra), manifest)
+    summaries = {}
+    for engine in ("local", "ray"):
+        summaries[engine] = json.loads(run_cli("index", str(manifest), "--db", str(tmp_path / engine), "--collection",
+                                               "c", "--engine", engine, "--batch-size", "16", "--json").stdout)
+    local, remote = summaries["local"], summaries["ray"]
+    assert remote["engine"]["name"] == "ray" and remote["engine"]["embed_actors"] == 1
+    assert remote["counts"] == local["counts"] and remote["counts"]["indexed"] == 40
+    assert sorted(map(str, remote["failures"])) == sorted(map(str, local["failures"]))
+    reasons = {Path(f["path"]).name: f["reason"] for f in remote["failures"]}
+    assert set(reasons) == {"corrupt.png", "gone.jpg"} and "not an image" in reasons["corrupt.png"], reasons
+    _assert_same_collection(tmp_path / "ray", tmp_path / "local", "c", "c")
+    for args in (["search", corpus[3]["captions"][0]], ["search", "--image", corpus[5]["path"]],
+                 ["search", "--image", corpus[5]["path"], "--captions"]):
+        hits = [json.loads(run_cli(*args, "--db", str(tmp_path / e), "--collection", "c", "-k", "5",
+                                   "--json").stdout) for e in ("local", "ray")]
+        assert [h["id"] for h in hits[0]["results"]] == [h["id"] for h in hits[1]["results"]], args
+
+
+def _embed_actor_pids() -> list[int]:
+    """Processes of the Ray engine's embed actors (Ray names a worker process after what it runs)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if b"_EmbedActor" in (d / "cmdline").read_bytes():
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_ray_engine_survives_a_killed_run_and_a_killed_worker(tiny_world, app_db, ray_cluster, tmp_path):
+    """A real ``clipdex index --engine ray`` process (its own local cluster) SIGKILLed with its process group
+    after two of its eight commits; the same command re-run in this process, with its embed actor SIGKILLed
+    after its first commit: the rows equal an uninterrupted local run's (``app_db``), nothing lost or doubled."""
+    from clipdex.indexer.ray_engine import RayConfig
+    from clipdex.indexer.runner import IndexSettings, run_index
+
+    args = ["index", str(tiny_world), "--split", "corpus", "--collection", "k", "--engine", "ray",
+            "--batch-size", "8", "--flush-rows", "8", "--no-faiss", "--no-progress"]
+    db = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "clipdex", *args, "--db", str(db)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    import lancedb
+
+    killed_at, deadline = None, time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            n = lancedb.connect(str(db)).open_table("k__images").count_rows()
+        except Exception:  # noqa: BLE001 - the table may not exist yet
+            n = 0
+        if n >= 16:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local cluster it started
+            killed_at = n
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None and killed_at < 64, "the run finished before it could be killed"
+
+    killed, calls = [], []
+
+    def kill_the_embed_actor(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 2 and done < total:  # called once the plan is made, then after each commit: the first
+            pids = _embed_actor_pids()
+            assert pids, "no embed actor process found"
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+
+    settings = IndexSettings(source=str(tiny_world), split="corpus", db=str(db), collection="k", batch_size=8,
+                             flush_rows=8, build_index=False, engine="ray", ray=RayConfig())
+    summary = run_index(settings, progress=False, on_progress=kill_the_embed_actor)
+    assert killed, "the embed actor was never killed"
+    c = summary["counts"]
+    assert killed_at <= c["unchanged"] < 64 and c["unchanged"] + c["indexed"] == 64, c  # the killed run's rows kept
+    assert c["images_in_collection"] == 64 and c["captions_in_collection"] == 320, c
+    _assert_same_collection(db, app_db, "k", "world")
