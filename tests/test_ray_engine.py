@@ -98,8 +98,8 @@ def _embed_actor_pids() -> list[int]:
 
 
 def test_ray_engine_survives_a_killed_run_and_a_killed_worker(tiny_world, app_db, ray_cluster, tmp_path):
-    """A real ``clipdex index --engine ray`` process (its own local cluster) SIGKILLed with its process group
-    after two of its eight commits; the same command re-run in this process, with its embed actor SIGKILLed
+    """A real ``clipdex index --engine ray`` process (joined to this file's cluster) SIGKILLed after two of its
+    eight commits, its embed actor then ended by Ray; the same command re-run in this process, with its embed actor SIGKILLed
     after its first commit: the rows equal an uninterrupted local run's (``app_db``), nothing lost or doubled."""
     from clipdex.indexer.ray_engine import RayConfig
     from clipdex.indexer.runner import IndexSettings, run_index
@@ -107,8 +107,9 @@ def test_ray_engine_survives_a_killed_run_and_a_killed_worker(tiny_world, app_db
     args = ["index", str(tiny_world), "--split", "corpus", "--collection", "k", "--engine", "ray",
             "--batch-size", "8", "--flush-rows", "8", "--no-faiss", "--no-progress"]
     db = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "clipdex", *args, "--db", str(db)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    address = ray.get_runtime_context().gcs_address  # the driver joins this file's cluster, as on a real one
+    proc = subprocess.Popen([sys.executable, "-m", "clipdex", *args, "--db", str(db), "--address", address],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     import lancedb
 
     killed_at, deadline = None, time.time() + 180
@@ -118,12 +119,16 @@ def test_ray_engine_survives_a_killed_run_and_a_killed_worker(tiny_world, app_db
         except Exception:  # noqa: BLE001 - the table may not exist yet
             n = 0
         if n >= 16:
-            os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local cluster it started
+            proc.send_signal(signal.SIGKILL)
             killed_at = n
             break
         time.sleep(0.05)
     proc.wait()
     assert killed_at is not None and killed_at < 64, "the run finished before it could be killed"
+    t0 = time.time()
+    while _embed_actor_pids() and time.time() - t0 < 30:  # Ray ends the workers of a driver that died
+        time.sleep(0.1)
+    assert not _embed_actor_pids(), "the killed driver's embed actor outlived it"
 
     killed, calls = [], []
 
