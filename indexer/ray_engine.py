@@ -40,7 +40,7 @@ from clipdex.indexer.writer import Rows
 from clipdex.retrieval.store.record import Collection, write_fragments
 
 if TYPE_CHECKING:
-    from clipdex.indexer.runner import IndexSettings, _Loop, _Prepared
+    from clipdex.indexer.runner import IndexSettings, LoopResult, PreparedRun
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class FragmentCommitter:
         self.seconds += time.perf_counter() - t0
 
 
-def _pipeline(ray, settings: "IndexSettings", prep: "_Prepared", actors: int):
+def _pipeline(ray, settings: "IndexSettings", prep: "PreparedRun", actors: int):
     """The Ray Data dataset whose rows are the write tasks' outputs (lazy: iterating it runs the pipeline)."""
     cfg, encoder, collection = settings.ray, prep.encoder, prep.collection
     grid = collection.grid_layout()
@@ -304,12 +304,12 @@ def _pipeline(ray, settings: "IndexSettings", prep: "_Prepared", actors: int):
         "dim": encoder.info.embed_dim, "grid": grid, "collection": collection.name})
 
 
-def index_loop(settings: "IndexSettings", prep: "_Prepared", *, progress: bool, on_progress) -> "_Loop":
+def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool, on_progress) -> "LoopResult":
     """The Ray engine's index loop: the plan's files through the pipeline, each write task's fragments committed
     as it finishes, with a progress bar; returns what the local loop returns (for the same summary)."""
     from tqdm import tqdm
 
-    from clipdex.indexer.runner import _Loop
+    from clipdex.indexer.runner import LoopResult
 
     ray = require_ray()  # joined by ray_session
     listing, plan = prep.listing, prep.plan
@@ -345,5 +345,5 @@ def index_loop(settings: "IndexSettings", prep: "_Prepared", *, progress: bool, 
         bar.close()
     engine["commits"] = committer.commits
     engine["worker_seconds"] = {k: round(v, 3) for k, v in seconds.items()}  # summed over workers
-    return _Loop(committer, seconds["embed"], failures, None, seconds["decode"], time.perf_counter() - t_loop,
+    return LoopResult(committer, seconds["embed"], failures, None, seconds["decode"], time.perf_counter() - t_loop,
                  engine=engine)

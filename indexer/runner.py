@@ -184,8 +184,9 @@ def run_index(settings: IndexSettings, *, progress: bool = True, on_progress: Pr
 
 
 @dataclass
-class _Prepared:
-    """What a run works from once the source is read, the model loaded and the plan made."""
+class PreparedRun:
+    """What a run works from once the source is read, the model loaded and the plan made (what either engine's
+    index loop is given)."""
 
     listing: SourceListing
     encoder: object
@@ -197,8 +198,8 @@ class _Prepared:
 
 
 @dataclass
-class _Loop:
-    """What the index loop did: the writer (rows written, its seconds), failures and decode timings."""
+class LoopResult:
+    """What an index loop did (either engine's): the writer (rows written, its seconds), failures and timings."""
 
     writer: StoreWriter  # or the Ray engine's FragmentCommitter: written, commits, seconds
     embed_seconds: float
@@ -241,7 +242,7 @@ def _read(settings: IndexSettings, *, times: dict[str, float]) -> SourceListing:
 
 
 def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, encoder,
-             times: dict[str, float]) -> _Prepared:
+             times: dict[str, float]) -> PreparedRun:
     """Load the encoder, open the collection, repair what a killed or concurrent run left, and plan the run
     (deletes and touches done)."""
     from clipdex.retrieval.models.encoder import load_encoder
@@ -266,11 +267,11 @@ def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, e
         collection.delete_images(plan.remove)
     collection.touch(plan.touched)
     times["plan"] = time.perf_counter() - t0
-    return _Prepared(listing, encoder, db, collection, plan, orphans, duplicates)
+    return PreparedRun(listing, encoder, db, collection, plan, orphans, duplicates)
 
 
-def _index_loop(settings: IndexSettings, prep: _Prepared, pool: DecodePool, *, progress: bool,
-                on_progress: ProgressHook | None) -> _Loop:
+def _index_loop(settings: IndexSettings, prep: PreparedRun, pool: DecodePool, *, progress: bool,
+                on_progress: ProgressHook | None) -> LoopResult:
     """Decode, embed and write the plan's files, batch by batch, with a progress bar."""
     from tqdm import tqdm
 
@@ -310,7 +311,7 @@ def _index_loop(settings: IndexSettings, prep: _Prepared, pool: DecodePool, *, p
         raise
     finally:
         bar.close()
-    return _Loop(writer, embedder.seconds, failures, wait, decode_cpu, time.perf_counter() - t_loop)
+    return LoopResult(writer, embedder.seconds, failures, wait, decode_cpu, time.perf_counter() - t_loop)
 
 
 def _write_batch(writer: StoreWriter, embedder: Embedder, batch: dict, items: list[SourceItem]) -> None:
@@ -328,7 +329,7 @@ def _write_batch(writer: StoreWriter, embedder: Embedder, batch: dict, items: li
         c += n
 
 
-def _finish(settings: IndexSettings, prep: _Prepared, loop: _Loop, *, workers: int, times: dict[str, float],
+def _finish(settings: IndexSettings, prep: PreparedRun, loop: LoopResult, *, workers: int, times: dict[str, float],
             t_start: float) -> dict:
     """Compact, build the FAISS indexes, and write and return the run's summary."""
     listing, plan, collection, writer = prep.listing, prep.plan, prep.collection, loop.writer

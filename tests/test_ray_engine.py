@@ -53,37 +53,6 @@ def _assert_same_collection(got_db: Path, want_db: Path, got: str, want: str) ->
                 assert a[name].to_pylist() == b[name].to_pylist(), (table, name)
 
 
-def test_ray_engine_makes_the_local_engines_collection(tiny_world, ray_cluster, tmp_path):
-    """A manifest of the corpus split plus a corrupt file and a missing one, indexed by both engines: the same
-    ids, vectors, grids, captions, schema metadata, failures and search results."""
-    world = pq.read_table(tiny_world, columns=["id", "path", "split", "captions"]).to_pylist()
-    base = Path(tiny_world).parent
-    corpus = [{"id": r["id"], "path": str(base / r["path"]), "captions": r["captions"]}
-              for r in world if r["split"] == "corpus"][:40]
-    corrupt = tmp_path / "corrupt.png"
-    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
-    extra = [{"id": "bad/corrupt", "path": str(corrupt), "captions": ["a corrupt file"]},
-             {"id": "bad/missing", "path": str(tmp_path / "gone.jpg"), "captions": ["a missing file"]}]
-    manifest = tmp_path / "m.parquet"
-    pq.write_table(pa.Table.from_pylist(corpus + extra), manifest)
-    summaries = {}
-    for engine in ("local", "ray"):
-        summaries[engine] = json.loads(run_cli("index", str(manifest), "--db", str(tmp_path / engine), "--collection",
-                                               "c", "--engine", engine, "--batch-size", "16", "--json").stdout)
-    local, remote = summaries["local"], summaries["ray"]
-    assert remote["engine"]["name"] == "ray" and remote["engine"]["embed_actors"] == 1
-    assert remote["counts"] == local["counts"] and remote["counts"]["indexed"] == 40
-    assert sorted(map(str, remote["failures"])) == sorted(map(str, local["failures"]))
-    reasons = {Path(f["path"]).name: f["reason"] for f in remote["failures"]}
-    assert set(reasons) == {"corrupt.png", "gone.jpg"} and "not an image" in reasons["corrupt.png"], reasons
-    _assert_same_collection(tmp_path / "ray", tmp_path / "local", "c", "c")
-    for args in (["search", corpus[3]["captions"][0]], ["search", "--image", corpus[5]["path"]],
-                 ["search", "--image", corpus[5]["path"], "--captions"]):
-        hits = [json.loads(run_cli(*args, "--db", str(tmp_path / e), "--collection", "c", "-k", "5",
-                                   "--json").stdout) for e in ("local", "ray")]
-        assert [h["id"] for h in hits[0]["results"]] == [h["id"] for h in hits[1]["results"]], args
-
-
 def _embed_actor_pids() -> list[int]:
     """Processes of the Ray engine's embed actors (Ray names a worker process after what it runs)."""
     pids = []
@@ -97,16 +66,38 @@ def _embed_actor_pids() -> list[int]:
     return pids
 
 
-def test_ray_engine_survives_a_killed_run_and_a_killed_worker(tiny_world, app_db, ray_cluster, tmp_path):
+@pytest.fixture()
+def manifest(tiny_world, tmp_path) -> Path:
+    """The tiny world's 64 corpus scenes (5 captions each) plus a corrupt file and a missing one."""
+    world = pq.read_table(tiny_world, columns=["id", "path", "split", "captions"]).to_pylist()
+    base = Path(tiny_world).parent
+    rows = [{"id": r["id"], "path": str(base / r["path"]), "captions": r["captions"]}
+            for r in world if r["split"] == "corpus"]
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    rows += [{"id": "bad/corrupt", "path": str(corrupt), "captions": ["a corrupt file"]},
+             {"id": "bad/missing", "path": str(tmp_path / "gone.jpg"), "captions": ["a missing file"]}]
+    out = tmp_path / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return out
+
+
+def test_ray_engine_survives_a_killed_run_and_a_killed_worker_and_makes_the_local_engines_collection(
+        manifest, ray_cluster, tmp_path):
     """A real ``clipdex index --engine ray`` process (joined to this file's cluster) SIGKILLed after two of its
-    eight commits, its embed actor then ended by Ray; the same command re-run in this process, with its embed actor SIGKILLed
-    after its first commit: the rows equal an uninterrupted local run's (``app_db``), nothing lost or doubled."""
+    eight commits, its embed actor then ended by Ray; the same command re-run in this process with its embed actor
+    SIGKILLed after its first commit. The collection equals the local engine's from one uninterrupted run: the same
+    ids, vectors, grids, captions and schema metadata (nothing lost or doubled), the same failures for the corrupt
+    and the missing file, the same search results in all three directions. (One flow: each Ray run starts an embed
+    actor that loads the model, the suite's time budget allows few.)"""
     from clipdex.indexer.ray_engine import RayConfig
     from clipdex.indexer.runner import IndexSettings, run_index
 
-    args = ["index", str(tiny_world), "--split", "corpus", "--collection", "k", "--engine", "ray",
-            "--batch-size", "8", "--flush-rows", "8", "--no-faiss", "--no-progress"]
-    db = tmp_path / "killed"
+    local = json.loads(run_cli("index", str(manifest), "--db", str(tmp_path / "local"), "--collection", "c",
+                               "--json").stdout)
+    args = ["index", str(manifest), "--collection", "c", "--engine", "ray", "--batch-size", "8", "--flush-rows", "8",
+            "--no-progress"]
+    db = tmp_path / "ray"
     address = ray.get_runtime_context().gcs_address  # the driver joins this file's cluster, as on a real one
     proc = subprocess.Popen([sys.executable, "-m", "clipdex", *args, "--db", str(db), "--address", address],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -115,7 +106,7 @@ def test_ray_engine_survives_a_killed_run_and_a_killed_worker(tiny_world, app_db
     killed_at, deadline = None, time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         try:
-            n = lancedb.connect(str(db)).open_table("k__images").count_rows()
+            n = lancedb.connect(str(db)).open_table("c__images").count_rows()
         except Exception:  # noqa: BLE001 - the table may not exist yet
             n = 0
         if n >= 16:
@@ -140,11 +131,37 @@ def test_ray_engine_survives_a_killed_run_and_a_killed_worker(tiny_world, app_db
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
 
-    settings = IndexSettings(source=str(tiny_world), split="corpus", db=str(db), collection="k", batch_size=8,
-                             flush_rows=8, build_index=False, engine="ray", ray=RayConfig())
+    settings = IndexSettings(source=str(manifest), db=str(db), collection="c", batch_size=8, flush_rows=8,
+                             engine="ray", ray=RayConfig())
     summary = run_index(settings, progress=False, on_progress=kill_the_embed_actor)
     assert killed, "the embed actor was never killed"
     c = summary["counts"]
+    assert summary["engine"]["name"] == "ray" and summary["engine"]["embed_actors"] == 1
     assert killed_at <= c["unchanged"] < 64 and c["unchanged"] + c["indexed"] == 64, c  # the killed run's rows kept
-    assert c["images_in_collection"] == 64 and c["captions_in_collection"] == 320, c
-    _assert_same_collection(db, app_db, "k", "world")
+    assert c["images_in_collection"] == local["counts"]["images_in_collection"] == 64, c
+    assert c["captions_in_collection"] == local["counts"]["captions_in_collection"] == 320, c
+    assert sorted(map(str, summary["failures"])) == sorted(map(str, local["failures"]))
+    reasons = {Path(f["path"]).name: f["reason"] for f in summary["failures"]}
+    assert set(reasons) == {"corrupt.png", "gone.jpg"} and "not an image" in reasons["corrupt.png"], reasons
+    _assert_same_collection(db, tmp_path / "local", "c", "c")
+    rows = pq.read_table(manifest).to_pylist()
+    for query in (["search", rows[3]["captions"][0]], ["search", "--image", rows[5]["path"]],
+                  ["search", "--image", rows[5]["path"], "--captions"]):
+        hits = [json.loads(run_cli(*query, "--db", str(tmp_path / e), "--collection", "c", "-k", "5",
+                                   "--json").stdout) for e in ("local", "ray")]
+        assert [h["id"] for h in hits[0]["results"]] == [h["id"] for h in hits[1]["results"]], query
+
+
+def test_a_cluster_without_what_was_asked_is_refused_before_anything_is_created(tiny_world, ray_cluster, tmp_path):
+    """GPUs the cluster lacks, or more embed actors than its CPUs leave room for: exit 1 naming the cause, and no
+    database folder made."""
+    db = tmp_path / "db"
+    for extra, says in ((["--num-gpus-per-worker", "1"], "the Ray cluster has 0 GPUs"),
+                        (["--embed-actors", "2"], "leave no CPU for decoding")):
+        out = run_cli("index", str(tiny_world), "--split", "corpus", "--db", str(db), "--engine", "ray", *extra,
+                      check=False)
+        assert out.returncode == 1 and says in out.stderr, out.stderr
+        assert not db.exists()
+    bad = run_cli("index", str(tiny_world), "--db", str(db), "--engine", "ray", "--num-gpus-per-worker", "-1",
+                  check=False)
+    assert bad.returncode == 2 and "expected a number >= 0" in bad.stderr
