@@ -98,10 +98,15 @@ def _index(args) -> int:
     print(f"this run: {c['indexed']} indexed ({c['new']} new, {c['changed']} changed), {c['unchanged']} unchanged, "
           f"{c['removed']} removed, {c['failed']} failed, {c['ignored_non_images']} non-image files ignored"
           + (f" ({by_ext})" if by_ext else ""))
-    if summary["images_per_s"]:
-        wait = f"decode wait {s['decode_wait']:.1f}, " if "decode_wait" in s else ""
-        workers = " (summed over the Ray workers)" if summary["engine"]["name"] == "ray" else ""
-        print(f"speed: {summary['images_per_s']:.0f} images/s; stage seconds{workers}: {wait}"
+    engine = summary["engine"]
+    if summary["images_per_s"] and engine["name"] == "ray":
+        w = engine["worker_seconds"]
+        print(f"speed: {summary['images_per_s']:.0f} images/s on Ray ({engine['embed_actors']} embed actors, "
+              f"{engine['nodes']} nodes); worker seconds, summed: decode {w['decode']:.1f}, embed {w['embed']:.1f}, "
+              f"write {w['write']:.1f}; driver commits {s['write']:.1f} s in {engine['commits']}, faiss "
+              f"{s['faiss']:.1f}; total {s['total']:.1f}")
+    elif summary["images_per_s"]:
+        print(f"speed: {summary['images_per_s']:.0f} images/s; stage seconds: decode wait {s['decode_wait']:.1f}, "
               f"embed {s['embed']:.1f}, write {s['write']:.1f}, faiss {s['faiss']:.1f}; total {s['total']:.1f}")
     for name, sc in summary["faiss"].items():
         print(f"faiss {name}: {sc['factory']} over {sc['rows']} vectors, recall@10 vs exact "
