@@ -94,7 +94,7 @@ def test_ray_engine_survives_a_killed_run_and_a_killed_worker_and_makes_the_loca
     from clipdex.indexer.runner import IndexSettings, run_index
 
     local = json.loads(run_cli("index", str(manifest), "--db", str(tmp_path / "local"), "--collection", "c",
-                               "--json").stdout)
+                               "--workers", "0", "--json").stdout)  # decoding in this process: no worker to start
     args = ["index", str(manifest), "--collection", "c", "--engine", "ray", "--batch-size", "8", "--flush-rows", "8",
             "--no-progress"]
     db = tmp_path / "ray"
