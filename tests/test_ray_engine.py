@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -68,11 +69,17 @@ def _embed_actor_pids() -> list[int]:
 
 @pytest.fixture()
 def manifest(tiny_world, tmp_path) -> Path:
-    """The tiny world's 64 corpus scenes (5 captions each) plus a corrupt file and a missing one."""
+    """The tiny world's 64 corpus scenes (5 captions each; copies, so a test may change them) plus a corrupt file
+    and a missing one."""
     world = pq.read_table(tiny_world, columns=["id", "path", "split", "captions"]).to_pylist()
-    base = Path(tiny_world).parent
-    rows = [{"id": r["id"], "path": str(base / r["path"]), "captions": r["captions"]}
-            for r in world if r["split"] == "corpus"]
+    base, images = Path(tiny_world).parent, tmp_path / "images"
+    images.mkdir()
+    rows = []
+    for r in world:
+        if r["split"] == "corpus":
+            copy = images / Path(r["path"]).name
+            shutil.copy(base / r["path"], copy)
+            rows.append({"id": r["id"], "path": str(copy), "captions": r["captions"]})
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
     rows += [{"id": "bad/corrupt", "path": str(corrupt), "captions": ["a corrupt file"]},
@@ -83,18 +90,17 @@ def manifest(tiny_world, tmp_path) -> Path:
 
 
 def test_ray_engine_survives_a_killed_run_and_a_killed_worker_and_makes_the_local_engines_collection(
-        manifest, ray_cluster, tmp_path):
+        manifest, tiny_world, ray_cluster, tmp_path):
     """A real ``clipdex index --engine ray`` process (joined to this file's cluster) SIGKILLed after two of its
-    eight commits, its embed actor then ended by Ray; the same command re-run in this process with its embed actor
-    SIGKILLed after its first commit. The collection equals the local engine's from one uninterrupted run: the same
+    eight commits, its embed actor then ended by Ray; one file it indexed is then changed; the same command re-run
+    in this process with its embed actor SIGKILLed after its first commit. The collection equals the local engine's
+    from one uninterrupted run over the files as they now are (the changed file's old rows replaced): the same
     ids, vectors, grids, captions and schema metadata (nothing lost or doubled), the same failures for the corrupt
     and the missing file, the same search results in all three directions. (One flow: each Ray run starts an embed
     actor that loads the model, the suite's time budget allows few.)"""
     from clipdex.indexer.ray_engine import RayConfig
     from clipdex.indexer.runner import IndexSettings, run_index
 
-    local = json.loads(run_cli("index", str(manifest), "--db", str(tmp_path / "local"), "--collection", "c",
-                               "--workers", "0", "--json").stdout)  # decoding in this process: no worker to start
     args = ["index", str(manifest), "--collection", "c", "--engine", "ray", "--batch-size", "8", "--flush-rows", "8",
             "--no-progress"]
     db = tmp_path / "ray"
@@ -120,6 +126,13 @@ def test_ray_engine_survives_a_killed_run_and_a_killed_worker_and_makes_the_loca
     while _embed_actor_pids() and time.time() - t0 < 30:  # Ray ends the workers of a driver that died
         time.sleep(0.1)
     assert not _embed_actor_pids(), "the killed driver's embed actor outlived it"
+    rows = pq.read_table(manifest).to_pylist()
+    committed = set(lancedb.connect(str(db)).open_table("c__images").to_arrow()["id"].to_pylist())
+    changed = next(r for r in rows if r["id"] in committed)
+    other = min(Path(tiny_world).parent.glob("images/test/**/*.jpg"))  # a scene from outside the manifest
+    shutil.copy(other, changed["path"])  # new content under the same id: its rows must be replaced, not doubled
+    local = json.loads(run_cli("index", str(manifest), "--db", str(tmp_path / "local"), "--collection", "c",
+                               "--workers", "0", "--json").stdout)  # decoding in this process: no worker to start
 
     killed, calls = [], []
 
@@ -137,14 +150,14 @@ def test_ray_engine_survives_a_killed_run_and_a_killed_worker_and_makes_the_loca
     assert killed, "the embed actor was never killed"
     c = summary["counts"]
     assert summary["engine"]["name"] == "ray" and summary["engine"]["embed_actors"] == 1
-    assert killed_at <= c["unchanged"] < 64 and c["unchanged"] + c["indexed"] == 64, c  # the killed run's rows kept
+    assert c["changed"] == 1 and killed_at - 1 <= c["unchanged"] < 64, c  # the killed run's other rows kept
+    assert c["unchanged"] + c["indexed"] == 64, c
     assert c["images_in_collection"] == local["counts"]["images_in_collection"] == 64, c
     assert c["captions_in_collection"] == local["counts"]["captions_in_collection"] == 320, c
     assert sorted(map(str, summary["failures"])) == sorted(map(str, local["failures"]))
     reasons = {Path(f["path"]).name: f["reason"] for f in summary["failures"]}
     assert set(reasons) == {"corrupt.png", "gone.jpg"} and "not an image" in reasons["corrupt.png"], reasons
     _assert_same_collection(db, tmp_path / "local", "c", "c")
-    rows = pq.read_table(manifest).to_pylist()
     for query in (["search", rows[3]["captions"][0]], ["search", "--image", rows[5]["path"]],
                   ["search", "--image", rows[5]["path"], "--captions"]):
         hits = [json.loads(run_cli(*query, "--db", str(tmp_path / e), "--collection", "c", "-k", "5",
