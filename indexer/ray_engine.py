@@ -45,8 +45,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-
-
 @dataclass(frozen=True)
 class RayConfig:
     """Where and how the Ray engine runs.
@@ -257,14 +255,15 @@ class FragmentCommitter:
         self.seconds = 0.0
         self._done: set[str] = set()
 
-    def commit(self, out: dict) -> None:
-        """Commit one write task's output (a row of the pipeline's result)."""
+    def commit(self, out: dict) -> bool:
+        """Commit one write task's output (a row of the pipeline's result); False when its rows were committed
+        already (the output of a retried task that arrived twice: dropped, with its failures)."""
         ids = json.loads(out["ids"])
         if not ids:
-            return
-        if self._done.intersection(ids):  # a retried task whose first output already arrived: never twice
+            return True
+        if self._done.intersection(ids):
             logger.warning("a write task's %d rows arrived twice (a retried task); kept the first", len(ids))
-            return
+            return False
         t0 = time.perf_counter()
         self.collection.commit_fragments(images=json.loads(out["images"]), captions=json.loads(out["captions"]),
                                          replace=[i for i in ids if i in self.replace])
@@ -272,6 +271,7 @@ class FragmentCommitter:
         self.written += len(ids)
         self.commits += 1
         self.seconds += time.perf_counter() - t0
+        return True
 
 
 def _pipeline(ray, settings: "IndexSettings", prep: "PreparedRun", actors: int):
@@ -332,7 +332,8 @@ def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool
     try:
         if plan.todo:
             for out in _pipeline(ray, settings, prep, actors).iter_rows():
-                committer.commit(out)
+                if not committer.commit(out):
+                    continue
                 failures += json.loads(out["failures"])
                 for k in seconds:
                     seconds[k] += out[f"{k}_seconds"]
@@ -345,5 +346,5 @@ def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool
         bar.close()
     engine["commits"] = committer.commits
     engine["worker_seconds"] = {k: round(v, 3) for k, v in seconds.items()}  # summed over workers
-    return LoopResult(committer, seconds["embed"], failures, None, seconds["decode"], time.perf_counter() - t_loop,
-                 engine=engine)
+    return LoopResult(committer, seconds["embed"], failures, None, seconds["decode"],
+                      time.perf_counter() - t_loop, engine=engine)
