@@ -215,3 +215,41 @@ def test_answering_gets_captions_and_vectors_with_the_hits(tmp_path, world_encod
     assert result.answer == " | ".join(it.caption or "-" for it in items)
     first = result.as_dict()["evidence"][0]
     assert list(first) == ["rank", "id", "path", "caption", "score", "weight"] and first["weight"] == 1.0
+
+
+def test_fragments_written_elsewhere_are_committed_whole_and_once(tmp_path):
+    """The Ray engine's write path without Ray: rows written as uncommitted fragments are invisible until the
+    committer adds them (captions and images, the schema metadata untouched); the same output again is refused,
+    and a changed file's old rows go when its new fragments are committed."""
+    import json
+
+    from clipdex.indexer.ray_engine import FragmentCommitter
+    from clipdex.indexer.reader import SourceItem
+    from clipdex.indexer.writer import Rows
+    from clipdex.retrieval.store.record import write_fragments
+
+    col = Database(tmp_path / "db", create=True).open_or_create("c", info=_info(DIM))
+    meta = {t: col.fragment_targets()[t][1].metadata for t in ("images", "captions")}
+
+    def output(ids, seed):
+        rows = Rows(source="/s", dim=DIM, grid=None)
+        for k, i in enumerate(ids):
+            rows.add(SourceItem(id=i, path=f"/s/{i}.png", captions=(f"a caption of {i}",), size=1, mtime=0.0),
+                     content_hash=f"h{seed}", width=8, height=8, vector=_unit(1, DIM, seed + k)[0],
+                     caption_vectors=_unit(1, DIM, seed + 100 + k))
+        images, captions = rows.tables()
+        targets = col.fragment_targets()
+        return {"images": json.dumps(write_fragments(*targets["images"], images)),
+                "captions": json.dumps(write_fragments(*targets["captions"], captions)), "ids": json.dumps(ids)}
+
+    first = output(["a", "b"], seed=1)
+    assert col.count() == 0 and col.caption_count() == 0  # written, not committed: nobody sees them
+    committer = FragmentCommitter(col, replace=set())
+    assert committer.commit(first) and col.count() == 2 and col.caption_count() == 2
+    assert not committer.commit(first) and col.count() == 2  # a retried task's output arriving twice
+    rerun = FragmentCommitter(col, replace={"a"})  # the next run: "a" changed
+    assert rerun.commit(output(["a"], seed=7))  # its old rows go, the new ones come in
+    t = col.rows(columns=["id", "content_hash"]).sort_by("id")
+    assert t["id"].to_pylist() == ["a", "b"] and t["content_hash"].to_pylist() == ["h7", "h1"]
+    assert sorted(col.ids("captions")) == ["a#0", "b#0"]
+    assert {t: col.fragment_targets()[t][1].metadata for t in ("images", "captions")} == meta
