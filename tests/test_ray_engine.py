@@ -89,6 +89,7 @@ def manifest(tiny_world, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_ray_engine_survives_a_killed_run_and_a_killed_worker_and_makes_the_local_engines_collection(
         manifest, tiny_world, ray_cluster, tmp_path):
     """A real ``clipdex index --engine ray`` process (joined to this file's cluster) SIGKILLed after two of its
