@@ -10,7 +10,8 @@ one Ray Data pipeline over the plan's files::
       -> decode   CPU tasks (map_batches): the local engine's DecodeItems (same hash, decode rules, errors)
       -> embed    an actor pool; each actor loads the model once (on a GPU share with --num-gpus-per-worker)
       -> write    CPU tasks: the local engine's Rows, then new Lance data files (uncommitted fragments)
-      -> driver   commits each write task's fragments as they arrive: captions, then images (the commit point)
+      -> driver   gathers the fragments as they arrive and commits them every --flush-rows images or 30 s:
+                  captions, then images (the commit point), one Lance commit per table
 
 Crash safety is the local engine's: every commit holds whole images, so a run killed at any point leaves only
 whole images (and at most the captions of one commit, which the next run's reconcile drops), and the same
@@ -244,34 +245,53 @@ def _write(batch: dict, *, targets: dict, source: str, dim: int, grid: dict | No
 
 
 class FragmentCommitter:
-    """The driver's side of the write stage: commits each write task's fragments (old rows of changed files
-    out first), and keeps what the summary reports (images written, commits, seconds)."""
+    """The driver's side of the write stage: gathers the write tasks' fragments as they arrive and commits them
+    every ``flush_rows`` images or ``flush_seconds`` seconds, whichever comes first (as the local engine's
+    writer does), in one Lance commit per table (old rows of changed files out first); keeps what the summary
+    reports (images written, commits, seconds)."""
 
-    def __init__(self, collection: Collection, *, replace: set[str]):
+    def __init__(self, collection: Collection, *, replace: set[str], flush_rows: int = 4096,
+                 flush_seconds: float = 30.0):
         self.collection = collection
         self.replace = replace
+        self.flush_rows, self.flush_seconds = flush_rows, flush_seconds
         self.written = 0
         self.commits = 0
         self.seconds = 0.0
-        self._done: set[str] = set()
+        self._seen: set[str] = set()  # ids of every output taken, committed or waiting
+        self._images: list[str] = []
+        self._captions: list[str] = []
+        self._ids: list[str] = []
+        self._last_commit = time.monotonic()
 
-    def commit(self, out: dict) -> bool:
-        """Commit one write task's output (a row of the pipeline's result); False when its rows were committed
-        already (the output of a retried task that arrived twice: dropped, with its failures)."""
+    def add(self, out: dict) -> bool:
+        """Take one write task's output (a row of the pipeline's result) and commit if the buffer is due; False
+        when its rows were taken already (the output of a retried task that arrived twice: dropped, with its
+        failures)."""
         ids = json.loads(out["ids"])
-        if not ids:
-            return True
-        if self._done.intersection(ids):
+        if self._seen.intersection(ids):
             logger.warning("a write task's %d rows arrived twice (a retried task); kept the first", len(ids))
             return False
-        t0 = time.perf_counter()
-        self.collection.commit_fragments(images=json.loads(out["images"]), captions=json.loads(out["captions"]),
-                                         replace=[i for i in ids if i in self.replace])
-        self._done.update(ids)
-        self.written += len(ids)
-        self.commits += 1
-        self.seconds += time.perf_counter() - t0
+        self._seen.update(ids)
+        self._ids += ids
+        self._images += json.loads(out["images"])
+        self._captions += json.loads(out["captions"])
+        if len(self._ids) >= self.flush_rows or time.monotonic() - self._last_commit >= self.flush_seconds:
+            self.flush()
         return True
+
+    def flush(self) -> None:
+        """Commit the fragments taken so far: changed files' old rows out, then captions, then images."""
+        if not self._ids:
+            return
+        t0 = time.perf_counter()
+        self.collection.commit_fragments(images=self._images, captions=self._captions,
+                                         replace=[i for i in self._ids if i in self.replace])
+        self.written += len(self._ids)
+        self.commits += 1
+        self._images, self._captions, self._ids = [], [], []
+        self._last_commit = time.monotonic()
+        self.seconds += time.perf_counter() - t0
 
 
 def _pipeline(ray, settings: "IndexSettings", prep: "PreparedRun", actors: int):
@@ -299,17 +319,18 @@ def _pipeline(ray, settings: "IndexSettings", prep: "PreparedRun", actors: int):
                                ("cpu" if settings.device == "auto" else settings.device),
                                "precision": settings.precision, "runtime": settings.runtime,
                                "expect": encoder.info.as_dict(), "grid": grid})
-    return ds.map_batches(_write, batch_size=settings.flush_rows, batch_format="numpy", num_cpus=1, fn_kwargs={
+    return ds.map_batches(_write, batch_size=settings.batch_size, batch_format="numpy", num_cpus=1, fn_kwargs={
         "targets": collection.fragment_targets(), "source": prep.listing.source,
         "dim": encoder.info.embed_dim, "grid": grid, "collection": collection.name})
 
 
 def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool, on_progress) -> "LoopResult":
-    """The Ray engine's index loop: the plan's files through the pipeline, each write task's fragments committed
-    as it finishes, with a progress bar; returns what the local loop returns (for the same summary)."""
+    """The Ray engine's index loop: the plan's files through the pipeline, the write tasks' fragments committed
+    as they arrive (every ``flush_rows`` images or ``flush_seconds``), with a progress bar that moves per batch;
+    returns what the local loop returns (for the same summary)."""
     from tqdm import tqdm
 
-    from clipdex.indexer.runner import LoopResult
+    from clipdex.indexer.runner import IndexStopped, LoopResult
 
     ray = require_ray()  # joined by ray_session
     listing, plan = prep.listing, prep.plan
@@ -318,7 +339,8 @@ def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool
     if on_progress:
         on_progress(handled, total)
     failures = [{"path": p, "reason": r} for p, r in listing.missing]
-    committer = FragmentCommitter(prep.collection, replace=plan.replace)
+    committer = FragmentCommitter(prep.collection, replace=plan.replace, flush_rows=settings.flush_rows,
+                                  flush_seconds=settings.flush_seconds)
     seconds = {"decode": 0.0, "embed": 0.0, "write": 0.0}
     t_loop = time.perf_counter()
     actors = _actor_count(ray, settings.ray)
@@ -332,7 +354,7 @@ def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool
     try:
         if plan.todo:
             for out in _pipeline(ray, settings, prep, actors).iter_rows():
-                if not committer.commit(out):
+                if not committer.add(out):
                     continue
                 failures += json.loads(out["failures"])
                 for k in seconds:
@@ -341,7 +363,11 @@ def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool
                 handled += out["count"]
                 bar.set_postfix(failed=len(failures) - len(listing.missing), refresh=False)
                 if on_progress:
-                    on_progress(handled, total)  # may raise IndexStopped: what arrived is committed
+                    on_progress(handled, total)  # may raise IndexStopped
+        committer.flush()
+    except IndexStopped:
+        committer.flush()  # every row it holds is whole: keep them
+        raise
     finally:
         bar.close()
     engine["commits"] = committer.commits

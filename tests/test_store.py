@@ -244,11 +244,13 @@ def test_fragments_written_elsewhere_are_committed_whole_and_once(tmp_path):
 
     first = output(["a", "b"], seed=1)
     assert col.count() == 0 and col.caption_count() == 0  # written, not committed: nobody sees them
-    committer = FragmentCommitter(col, replace=set())
-    assert committer.commit(first) and col.count() == 2 and col.caption_count() == 2
-    assert not committer.commit(first) and col.count() == 2  # a retried task's output arriving twice
-    rerun = FragmentCommitter(col, replace={"a"})  # the next run: "a" changed
-    assert rerun.commit(output(["a"], seed=7))  # its old rows go, the new ones come in
+    committer = FragmentCommitter(col, replace=set(), flush_rows=3, flush_seconds=60)
+    assert committer.add(first) and col.count() == 0  # taken, not yet due (2 of 3 rows)
+    assert not committer.add(first)  # a retried task's output arriving twice
+    committer.flush()
+    assert col.count() == 2 and col.caption_count() == 2 and committer.commits == 1
+    rerun = FragmentCommitter(col, replace={"a"}, flush_rows=1)  # the next run: "a" changed
+    assert rerun.add(output(["a"], seed=7))  # due at once: its old rows go, the new ones come in
     t = col.rows(columns=["id", "content_hash"]).sort_by("id")
     assert t["id"].to_pylist() == ["a", "b"] and t["content_hash"].to_pylist() == ["h7", "h1"]
     assert sorted(col.ids("captions")) == ["a#0", "b#0"]
