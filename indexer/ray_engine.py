@@ -328,18 +328,10 @@ def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool
     """The Ray engine's index loop: the plan's files through the pipeline, the write tasks' fragments committed
     as they arrive (every ``flush_rows`` images or ``flush_seconds``), with a progress bar that moves per batch;
     returns what the local loop returns (for the same summary)."""
-    from tqdm import tqdm
-
-    from clipdex.indexer.runner import IndexStopped, LoopResult
+    from clipdex.indexer.runner import IndexStopped, LoopProgress, LoopResult
 
     ray = require_ray()  # joined by ray_session
-    listing, plan = prep.listing, prep.plan
-    total = len(listing.items) + len(listing.missing)
-    handled = total - len(plan.todo)
-    if on_progress:
-        on_progress(handled, total)
-    failures = [{"path": p, "reason": r} for p, r in listing.missing]
-    committer = FragmentCommitter(prep.collection, replace=plan.replace, flush_rows=settings.flush_rows,
+    committer = FragmentCommitter(prep.collection, replace=prep.plan.replace, flush_rows=settings.flush_rows,
                                   flush_seconds=settings.flush_seconds)
     seconds = {"decode": 0.0, "embed": 0.0, "write": 0.0}
     t_loop = time.perf_counter()
@@ -349,28 +341,22 @@ def index_loop(settings: "IndexSettings", prep: "PreparedRun", *, progress: bool
               "num_gpus_per_worker": settings.ray.num_gpus_per_worker,
               "cluster_cpus": res.get("CPU", 0), "cluster_gpus": res.get("GPU", 0),
               "nodes": len([n for n in ray.nodes() if n.get("Alive")])}
-    bar = tqdm(total=len(plan.todo), unit="img", desc=f"indexing into {settings.collection} (ray)",
-               disable=not progress or not plan.todo, dynamic_ncols=True)
+    report = LoopProgress(settings, prep, progress=progress, on_progress=on_progress, label=" (ray)")
     try:
-        if plan.todo:
+        if prep.plan.todo:
             for out in _pipeline(ray, settings, prep, actors).iter_rows():
                 if not committer.add(out):
                     continue
-                failures += json.loads(out["failures"])
                 for k in seconds:
                     seconds[k] += out[f"{k}_seconds"]
-                bar.update(out["count"])
-                handled += out["count"]
-                bar.set_postfix(failed=len(failures) - len(listing.missing), refresh=False)
-                if on_progress:
-                    on_progress(handled, total)  # may raise IndexStopped
+                report.batch(out["count"], json.loads(out["failures"]))  # may raise IndexStopped
         committer.flush()
     except IndexStopped:
         committer.flush()  # every row it holds is whole: keep them
         raise
     finally:
-        bar.close()
+        report.close()
     engine["commits"] = committer.commits
     engine["worker_seconds"] = {k: round(v, 3) for k, v in seconds.items()}  # summed over workers
-    return LoopResult(committer, seconds["embed"], failures, None, seconds["decode"],
+    return LoopResult(committer, seconds["embed"], report.failures, None, seconds["decode"],
                       time.perf_counter() - t_loop, engine=engine)

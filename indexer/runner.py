@@ -270,24 +270,49 @@ def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, e
     return PreparedRun(listing, encoder, db, collection, plan, orphans, duplicates)
 
 
+class LoopProgress:
+    """What both engines' index loops report as they go: the progress bar, the ``on_progress`` hook (called
+    once the plan is made, then after every batch) and the failures (the listing's missing files first)."""
+
+    def __init__(self, settings: IndexSettings, prep: PreparedRun, *, progress: bool,
+                 on_progress: ProgressHook | None, label: str = ""):
+        from tqdm import tqdm
+
+        listing, todo = prep.listing, prep.plan.todo
+        self.on_progress = on_progress
+        self.total = len(listing.items) + len(listing.missing)
+        self.handled = self.total - len(todo)
+        self.failures = [{"path": p, "reason": r} for p, r in listing.missing]
+        self._missing = len(listing.missing)
+        if on_progress:
+            on_progress(self.handled, self.total)
+        self.bar = tqdm(total=len(todo), unit="img", desc=f"indexing into {settings.collection}{label}",
+                        disable=not progress or not todo, dynamic_ncols=True)
+
+    def batch(self, count: int, failures: list[dict]) -> None:
+        """``count`` more files handled, ``failures`` among them; the hook may raise :class:`IndexStopped`."""
+        self.failures += failures
+        self.bar.update(count)
+        self.handled += count
+        self.bar.set_postfix(failed=len(self.failures) - self._missing, refresh=False)
+        if self.on_progress:
+            self.on_progress(self.handled, self.total)
+
+    def close(self) -> None:
+        """Close the bar."""
+        self.bar.close()
+
+
 def _index_loop(settings: IndexSettings, prep: PreparedRun, pool: DecodePool, *, progress: bool,
                 on_progress: ProgressHook | None) -> LoopResult:
     """Decode, embed and write the plan's files, batch by batch, with a progress bar."""
-    from tqdm import tqdm
-
-    listing, plan, encoder = prep.listing, prep.plan, prep.encoder
-    total = len(listing.items) + len(listing.missing)
-    handled = total - len(plan.todo)
-    if on_progress:
-        on_progress(handled, total)
+    plan, encoder = prep.plan, prep.encoder
     embedder = Embedder(encoder)
-    writer = StoreWriter(prep.collection, source=listing.source, flush_rows=settings.flush_rows,
+    writer = StoreWriter(prep.collection, source=prep.listing.source, flush_rows=settings.flush_rows,
                          flush_seconds=settings.flush_seconds, replace=plan.replace)
-    failures = [{"path": p, "reason": r} for p, r in listing.missing]
     decode_cpu = wait = 0.0
     t_loop = time.perf_counter()
-    bar = tqdm(total=len(plan.todo), unit="img", desc=f"indexing into {settings.collection}",
-               disable=not progress or not plan.todo, dynamic_ncols=True)
+    report = LoopProgress(settings, prep, progress=progress, on_progress=on_progress)
     try:
         batches = pool.batches(plan.todo, encoder.preprocess, batch_size=settings.batch_size,
                                max_pixels=settings.max_pixels, draft_size=encoder.info.image_size,
@@ -296,22 +321,17 @@ def _index_loop(settings: IndexSettings, prep: PreparedRun, pool: DecodePool, *,
         for batch in batches:
             wait += time.perf_counter() - t_wait
             decode_cpu += batch["decode_seconds"]
-            failures += [{"path": plan.todo[p].path, "reason": r} for p, r in batch["errors"]]
             if batch["pixels"] is not None:
                 _write_batch(writer, embedder, batch, [plan.todo[p] for p in batch["pos"]])
-            bar.update(batch["count"])
-            handled += batch["count"]
-            if on_progress:
-                on_progress(handled, total)
-            bar.set_postfix(failed=len(failures) - len(listing.missing), refresh=False)
+            report.batch(batch["count"], [{"path": plan.todo[p].path, "reason": r} for p, r in batch["errors"]])
             t_wait = time.perf_counter()
         writer.flush()
     except IndexStopped:
         writer.flush()  # every row it holds is whole: keep them
         raise
     finally:
-        bar.close()
-    return LoopResult(writer, embedder.seconds, failures, wait, decode_cpu, time.perf_counter() - t_loop)
+        report.close()
+    return LoopResult(writer, embedder.seconds, report.failures, wait, decode_cpu, time.perf_counter() - t_loop)
 
 
 def _write_batch(writer: StoreWriter, embedder: Embedder, batch: dict, items: list[SourceItem]) -> None:

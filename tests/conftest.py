@@ -7,8 +7,10 @@ import contextlib
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,30 @@ def run_cli_subprocess(*args: str, check: bool = True, timeout: float = 300, cwd
     if check and proc.returncode != 0:
         raise AssertionError(f"clipdex {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def kill_after_rows(proc: subprocess.Popen, *, db: Path, table: str, rows: int, timeout: float = 180,
+                    before_kill=None) -> int | None:
+    """SIGKILL ``proc`` (an index run) once LanceDB table ``table`` of ``db`` holds at least ``rows`` committed rows
+    and wait for it; returns the rows it had, or None when it ended (or ``timeout`` passed) first.
+    ``before_kill()`` runs just before the signal (to note the processes it has)."""
+    import lancedb
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            n = lancedb.connect(str(db)).open_table(table).count_rows()
+        except Exception:  # noqa: BLE001 - the table may not exist yet
+            n = 0
+        if n >= rows:
+            if before_kill:
+                before_kill()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return n
+        time.sleep(0.02)
+    proc.wait()
+    return None
 
 
 @dataclass

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import struct
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import kill_after_rows, run_cli
 
 RESULT_KEYS = {"rank", "id", "path", "caption", "score", "match"}
 
@@ -237,22 +236,9 @@ def test_sigkill_mid_run_resumes_to_the_same_rows(tiny_world, app_db, tmp_path):
     db = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "clipdex", *args, "--db", str(db)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import lancedb
-
-    killed_at = None
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            n = lancedb.connect(str(db)).open_table("k__images").count_rows()
-        except Exception:  # noqa: BLE001 - the table may not exist yet
-            n = 0
-        if n >= 32:
-            workers = _descendants(proc.pid)
-            proc.send_signal(signal.SIGKILL)
-            killed_at = n
-            break
-        time.sleep(0.02)
-    proc.wait()
+    workers = []
+    killed_at = kill_after_rows(proc, db=db, table="k__images", rows=32, timeout=120,
+                                before_kill=lambda: workers.extend(_descendants(proc.pid)))
     assert killed_at is not None and killed_at < 64, "the run finished before it could be killed"
     assert workers, "the indexer had no worker processes to check"
     t0 = time.time()

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run_cli
+from conftest import kill_after_rows, run_cli
 
 ray = pytest.importorskip("ray", reason="the dev extra installs Ray; without it this file cannot run")
 
@@ -108,27 +108,14 @@ def test_ray_engine_survives_a_killed_run_and_a_killed_worker_and_makes_the_loca
     address = ray.get_runtime_context().gcs_address  # the driver joins this file's cluster, as on a real one
     proc = subprocess.Popen([sys.executable, "-m", "clipdex", *args, "--db", str(db), "--address", address],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import lancedb
-
-    killed_at, deadline = None, time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            n = lancedb.connect(str(db)).open_table("c__images").count_rows()
-        except Exception:  # noqa: BLE001 - the table may not exist yet
-            n = 0
-        if n >= 16:
-            proc.send_signal(signal.SIGKILL)
-            killed_at = n
-            break
-        time.sleep(0.05)
-    proc.wait()
+    killed_at = kill_after_rows(proc, db=db, table="c__images", rows=16)
     assert killed_at is not None and killed_at < 64, "the run finished before it could be killed"
     t0 = time.time()
     while _embed_actor_pids() and time.time() - t0 < 30:  # Ray ends the workers of a driver that died
         time.sleep(0.1)
     assert not _embed_actor_pids(), "the killed driver's embed actor outlived it"
     rows = pq.read_table(manifest).to_pylist()
-    committed = set(lancedb.connect(str(db)).open_table("c__images").to_arrow()["id"].to_pylist())
+    committed = set(_table(db, "c", "images")["id"].to_pylist())
     changed = next(r for r in rows if r["id"] in committed)
     other = min(Path(tiny_world).parent.glob("images/test/**/*.jpg"))  # a scene from outside the manifest
     shutil.copy(other, changed["path"])  # new content under the same id: its rows must be replaced, not doubled

@@ -84,36 +84,30 @@ class SubcommandParser(CommandParser):
         return namespace, extras
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` accepting whole numbers >= ``minimum``, with a message that says so."""
+def _at_least(minimum, convert, what: str, name: str) -> Callable[[str], float]:
+    """An argparse ``type``: ``convert(text)`` when it is >= ``minimum``, else a message that says what is wanted."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a number >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"int>={minimum}"
-    return parse
-
-
-def float_at_least(minimum: float) -> Callable[[str], float]:
-    """An argparse ``type`` accepting numbers >= ``minimum`` (fractions too), with a message that says so."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not value >= minimum:  # also refuses nan
             raise argparse.ArgumentTypeError(f"expected a number >= {minimum:g}, got {text}")
         return value
 
-    parse.__name__ = f"float>={minimum:g}"
+    parse.__name__ = name
     return parse
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` accepting whole numbers >= ``minimum``, with a message that says so."""
+    return _at_least(minimum, int, "a whole number", f"int>={minimum}")
+
+
+def float_at_least(minimum: float) -> Callable[[str], float]:
+    """An argparse ``type`` accepting numbers >= ``minimum`` (fractions too), with a message that says so."""
+    return _at_least(minimum, float, "a number", f"float>={minimum:g}")
 
 
 SPEC_HELP = ("model spec: a built-in name (clipdex-world), ARCH:TAG (ViT-B-32:laion2b_s34b_b79k), ARCH:random, "
