@@ -81,8 +81,8 @@ def require_ray():
         raise RayEngineError(f'--engine ray needs Ray Data ({e.name} is not installed): pip install "clipdex[ray]"') \
             from e
     if importlib.util.find_spec("lance") is None:  # found, not imported: Lance warns on every fork once loaded
-        raise RayEngineError('--engine ray needs Lance for its fragment writes (pylance is not installed): '
-                             'pip install "clipdex[ray]"')
+        raise RayEngineError('--engine ray needs Lance for its fragment writes (pylance is not installed; it comes with clipdex): '
+                             'pip install "pylance>=14,<15"')
     return ray
 
 

@@ -69,7 +69,7 @@ class IndexSettings:
     workers: int | None = None
     device: str = "auto"
     precision: str = "auto"
-    runtime: str = "torch"  # torch, onnx or auto (see retrieval.models.encoder.DualEncoder)
+    runtime: str = "auto"  # torch, onnx or auto (see retrieval.models.encoder.DualEncoder)
     flush_rows: int = 4096
     flush_seconds: float = 30.0
     lock_wait: float = 0.0
@@ -189,7 +189,7 @@ class PreparedRun:
     index loop is given)."""
 
     listing: SourceListing
-    encoder: object
+    encoder: object  # None when the plan has nothing to embed (the model is then never loaded)
     db: Database
     collection: Collection
     plan: Plan
@@ -220,7 +220,9 @@ def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: 
         if removed:
             logger.warning("removed %d files a killed run left in %s", len(removed), db.path / "_faiss")
         prep = _prepare(settings, listing, db, encoder=encoder, times=times)
-        if settings.engine == "ray":
+        if not prep.plan.todo:
+            loop = _nothing_to_embed(settings, prep, progress=progress, on_progress=on_progress)
+        elif settings.engine == "ray":
             from clipdex.indexer.ray_engine import index_loop as ray_index_loop
 
             loop = ray_index_loop(settings, prep, progress=progress, on_progress=on_progress)
@@ -243,31 +245,49 @@ def _read(settings: IndexSettings, *, times: dict[str, float]) -> SourceListing:
 
 def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, encoder,
              times: dict[str, float]) -> PreparedRun:
-    """Load the encoder, open the collection, repair what a killed or concurrent run left, and plan the run
-    (deletes and touches done)."""
-    from clipdex.retrieval.models.encoder import load_encoder
-
+    """Plan the run, load the encoder when there is something to embed (a run with nothing new or changed never
+    loads it), open or create the collection, repair what a killed or concurrent run left and apply the plan's
+    deletes and touches. A model that does not match the collection is refused before anything changes."""
     t0 = time.perf_counter()
-    if encoder is None:
+    collection = db.open(settings.collection) if settings.collection in db.collections() else None
+    plan = None
+    if collection is not None:
+        plan = plan_run(collection, listing, rehash=settings.rehash, follow_links=settings.follow_links)
+    times["plan"] = time.perf_counter() - t0
+    if encoder is None and (plan is None or plan.todo or not _same_spec(settings.model, collection)):
+        from clipdex.retrieval.models.encoder import load_encoder
+
+        t0 = time.perf_counter()
         encoder = load_encoder(settings.model, device=settings.device, precision=settings.precision,
                                runtime=settings.runtime)
-    times["load_model"] = time.perf_counter() - t0
-
+        times["load_model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    grid = grid_layout_for(encoder) if settings.grids and settings.collection not in db.collections() else None
-    collection = db.open_or_create(settings.collection, info=encoder.info, grid=grid)
+    if collection is None:
+        grid = grid_layout_for(encoder) if settings.grids else None
+        collection = db.open_or_create(settings.collection, info=encoder.info, grid=grid)
+    elif encoder is not None:
+        collection.check_encoder(encoder.info, action="append to")
     duplicates = collection.remove_duplicates()
     if duplicates["images"] or duplicates["captions"]:
         logger.warning("collection %s held %d duplicate image rows and %d duplicate caption rows (from runs of an "
                        "older clipdex writing at once); removed them", settings.collection, duplicates["images"],
                        duplicates["captions"])
     orphans = collection.reconcile()
-    plan = plan_run(collection, listing, rehash=settings.rehash, follow_links=settings.follow_links)
+    if plan is None:
+        plan = plan_run(collection, listing, rehash=settings.rehash, follow_links=settings.follow_links)
     if plan.remove:
         collection.delete_images(plan.remove)
     collection.touch(plan.touched)
-    times["plan"] = time.perf_counter() - t0
+    times["plan"] += time.perf_counter() - t0
     return PreparedRun(listing, encoder, db, collection, plan, orphans, duplicates)
+
+
+def _same_spec(model: str, collection: Collection) -> bool:
+    """Whether ``model`` is typed as the collection records its encoder (then a run with nothing to embed need not
+    load it to compare weights: it writes no vector)."""
+    from clipdex.retrieval.models.spec import parse_model_spec
+
+    return parse_model_spec(model).text == collection.encoder_info().spec
 
 
 class LoopProgress:
@@ -334,6 +354,17 @@ def _index_loop(settings: IndexSettings, prep: PreparedRun, pool: DecodePool, *,
     return LoopResult(writer, embedder.seconds, report.failures, wait, decode_cpu, time.perf_counter() - t_loop)
 
 
+def _nothing_to_embed(settings: IndexSettings, prep: PreparedRun, *, progress: bool,
+                      on_progress: ProgressHook | None) -> LoopResult:
+    """The loop of a run whose plan has nothing to embed (either engine): only the missing files to report."""
+    t0 = time.perf_counter()
+    report = LoopProgress(settings, prep, progress=progress, on_progress=on_progress)
+    report.close()
+    writer = StoreWriter(prep.collection, source=prep.listing.source)
+    return LoopResult(writer, 0.0, report.failures, 0.0, 0.0, time.perf_counter() - t0,
+                      engine={"name": settings.engine})
+
+
 def _write_batch(writer: StoreWriter, embedder: Embedder, batch: dict, items: list[SourceItem]) -> None:
     """Embed one decoded batch (images, with their grids when the collection stores them, and their captions)
     and hand the rows to the writer."""
@@ -368,7 +399,9 @@ def _finish(settings: IndexSettings, prep: PreparedRun, loop: LoopResult, *, wor
     times = {k: v for k, v in times.items() if v is not None}
     summary = {
         "source": listing.source, "db": str(prep.db.path), "collection": settings.collection,
-        "model": prep.encoder.info.spec, "device": str(prep.encoder.device), "workers": workers,
+        "model": prep.collection.encoder_info().spec, "workers": workers,
+        "device": str(prep.encoder.device) if prep.encoder is not None else None,  # None: nothing to embed, not loaded
+        "runtime": prep.encoder.runtime if prep.encoder is not None else None,
         "engine": loop.engine,
         "counts": {"seen": len(listing.items) + len(listing.missing), "new": plan.new, "changed": plan.changed,
                    "unchanged": plan.unchanged, "removed": plan.removed, "indexed": writer.written,

@@ -41,7 +41,7 @@ class ServeSettings:
     max_k: int = 1000
     model: str = DEFAULT_MODEL
     device: str = "auto"
-    runtime: str = "torch"
+    runtime: str = "auto"
     decoder: str = ""
     recheck_seconds: float = 1.0
 

@@ -31,6 +31,29 @@ LONGEST_FIRST = ("test_answer.py", "test_ray_engine.py", "test_serve.py", "test_
                  "test_position.py", "test_app.py", "test_rerank.py")
 
 
+def pytest_configure(config) -> None:
+    """One ONNX export cache (CLIPDEX_CACHE) for the whole session, made by the first process (the xdist workers,
+    started after this, and every CLI process inherit it): each model's text tower is exported once per session
+    (``--runtime auto``, the default, makes it), and nothing lands in ~/.cache."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        import tempfile
+
+        os.environ["CLIPDEX_CACHE"] = tempfile.mkdtemp(prefix="clipdex-test-cache-")
+
+
+def pytest_unconfigure(config) -> None:
+    """Remove the session's export cache (the process that made it)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        import shutil
+
+        shutil.rmtree(_session_cache(), ignore_errors=True)
+
+
+def _session_cache() -> Path:
+    """The session's export cache (see :func:`pytest_configure`)."""
+    return Path(os.environ["CLIPDEX_CACHE"])
+
+
 def pytest_collection_modifyitems(items) -> None:
     """Put the tests of :data:`LONGEST_FIRST`'s files first, in its order (a stable sort: each file's own order
     is kept)."""

@@ -110,6 +110,7 @@ def test_reindex_is_a_noop(world_db, tiny_world):
     again = _index(tiny_world, db, "--split", "test", "--collection", "world")
     assert again["counts"]["indexed"] == 0 and again["counts"]["unchanged"] == 200
     assert Database(db).open("world").versions() == before  # nothing written at all
+    assert "load_model" not in again["seconds"] and again["device"] is None  # nothing to embed: no model loaded
 
 
 def test_filters(world_db):

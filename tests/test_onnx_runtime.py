@@ -1,9 +1,12 @@
-"""``--runtime onnx``: the encoders' towers exported once into a cache keyed by the weights, run by ONNX Runtime,
-with the same embeddings as PyTorch fp32 (cosine >= 0.9999) and the same search results."""
+"""``--runtime onnx|auto``: the encoders' towers exported once into a cache keyed by the weights, run by ONNX Runtime,
+with the same embeddings as PyTorch fp32 (cosine >= 0.9999) and the same search results; a cold text search that
+runs the exported text tower without importing PyTorch, open_clip or LanceDB."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,49 +16,41 @@ from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A fresh export cache for this module (CLIPDEX_CACHE), so nothing lands in ~/.cache."""
-    import os
-
-    root = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("CLIPDEX_CACHE")
-    os.environ["CLIPDEX_CACHE"] = str(root)
-    yield root
-    if old is None:
-        os.environ.pop("CLIPDEX_CACHE")
-    else:
-        os.environ["CLIPDEX_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def onnx_encoder(cache):
+def onnx_encoder():
     from clipdex.retrieval.models.encoder import load_encoder
 
     return load_encoder("clipdex-world", device="cpu", runtime="onnx")
 
 
-def test_the_export_is_cached_by_weights_and_records_its_fidelity(onnx_encoder, cache):
+def test_the_export_is_cached_by_weights_and_records_its_fidelity(onnx_encoder):
     from clipdex.retrieval.models.encoder import load_encoder
-    from clipdex.retrieval.models.onnx_runtime import export_folder
+    from clipdex.retrieval.models.onnx_runtime import cache_root, export_folder
 
     folder = export_folder(onnx_encoder.info)
-    assert folder.parent == cache / "onnx" and onnx_encoder.info.weights in folder.name
+    assert folder.parent == cache_root() and onnx_encoder.info.weights in folder.name
     record = json.loads((folder / "export.json").read_text())
-    assert record["precision"] == "fp32" and record["trimmed_text"] and record["grid"]
-    assert min(record["fidelity"]["text_min"], record["fidelity"]["image_min"]) >= 0.9999
+    text, image = record["towers"]["text"], record["towers"]["image"]
+    assert record["precision"] == "fp32" and text["trimmed"] and image["grid"]
+    assert min(text["fidelity"]["min_cosine"], image["fidelity"]["min_cosine"]) >= 0.9999
+    assert text["tokenizer"]["kind"] == "clip-bpe" and len(text["probe"]["features"]) == 4
     stamp = (folder / "text.onnx").stat().st_mtime_ns
     again = load_encoder("clipdex-world", device="cpu", runtime="onnx")  # from the cache: no second export
-    assert (folder / "text.onnx").stat().st_mtime_ns == stamp and again.onnx is not None
+    assert (folder / "text.onnx").stat().st_mtime_ns == stamp and again.onnx.image is not None
+    auto = load_encoder("clipdex-world", device="cpu", runtime="auto")
+    assert auto.runtime == "onnx text, torch images" and auto.onnx.image is None
 
 
 def test_embeddings_match_pytorch_on_world_captions_and_images(onnx_encoder, shipped_encoder, tiny_world):
     from clipdex.data_manifests.pairs import load_pairs
     from clipdex.retrieval.models.images import open_rgb
+    from clipdex.retrieval.models.onnx_runtime import load_text_encoder
 
     pairs = load_pairs(tiny_world, split="test")
     texts = [c for caps in pairs.captions[:40] for c in caps[:2]]  # 80 captions of every length the world writes
     a, b = shipped_encoder.encode_texts(texts), onnx_encoder.encode_texts(texts)
     assert (a * b).sum(-1).min() >= 0.9999
+    c = load_text_encoder(shipped_encoder.info).encode_texts(texts)  # the torch-free query path
+    assert (a * c).sum(-1).min() >= 0.9999
     pixels = torch.stack([shipped_encoder.preprocess(open_rgb(p)) for p in pairs.paths[:32]])
     ia, ga = shipped_encoder.encode_image_grid_tensors(pixels)
     ib, gb = onnx_encoder.encode_image_grid_tensors(pixels)
@@ -64,24 +59,67 @@ def test_embeddings_match_pytorch_on_world_captions_and_images(onnx_encoder, shi
     assert (shipped_encoder.encode_image_tensors(pixels) * onnx_encoder.encode_image_tensors(pixels)).sum(-1).min() >= 0.9999
 
 
-def test_search_gives_the_same_results_with_either_runtime(world_db, cache):
-    db = str(world_db[0])
+COLD_SEARCH = """
+import json, sys
+from clipdex.cli import main
+code = main(["search", sys.argv[1], "--db", sys.argv[2], "--collection", "world", "--json"])
+heavy = sorted(m for m in ("torch", "open_clip", "lancedb") if m in sys.modules)
+print(json.dumps({"code": code, "imported": heavy}), file=sys.stderr)
+"""
+
+
+def _cold_search(query: str, db: str) -> tuple[dict, dict]:
+    p = subprocess.run([sys.executable, "-c", COLD_SEARCH, query, db], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout), json.loads(p.stderr.strip().splitlines()[-1])
+
+
+def test_a_cold_search_runs_the_text_export_without_torch_and_finds_the_same(world_db):
+    db = str(world_db[0])  # indexed with --runtime auto: the text export is in the cache
     for query in ("a red circle left of a blue star", "two small green squares"):
-        torch_hits = json.loads(run_cli("search", query, "--db", db, "--collection", "world", "--json").stdout)
+        torch_hits = json.loads(run_cli("search", query, "--db", db, "--collection", "world", "--json",
+                                        "--runtime", "torch").stdout)
+        cold, seen = _cold_search(query, db)
+        assert seen == {"code": 0, "imported": []}  # no PyTorch, open_clip or LanceDB in the process
+        assert [h["id"] for h in cold["results"]] == [h["id"] for h in torch_hits["results"]]
+        assert np.allclose([h["score"] for h in cold["results"]], [h["score"] for h in torch_hits["results"]],
+                           atol=1e-4)
         onnx_hits = json.loads(run_cli("search", query, "--db", db, "--collection", "world", "--json",
                                        "--runtime", "onnx").stdout)
         assert [h["id"] for h in onnx_hits["results"]] == [h["id"] for h in torch_hits["results"]]
-        assert np.allclose([h["score"] for h in onnx_hits["results"]], [h["score"] for h in torch_hits["results"]],
-                           atol=1e-4)
+
+
+def test_an_export_that_does_not_check_out_gives_way_to_pytorch(shipped_encoder, world_db, tmp_path, monkeypatch,
+                                                                caplog):
+    import shutil
+
+    from clipdex.retrieval.models.onnx_runtime import export_folder, load_text_encoder
+
+    made = export_folder(shipped_encoder.info)  # in the session's cache: the world's index made it
+    assert load_text_encoder(shipped_encoder.info) is not None
+    monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path))
+    assert load_text_encoder(shipped_encoder.info) is None  # no export in this cache: PyTorch embeds the query
+    shutil.copytree(made, export_folder(shipped_encoder.info))
+    assert load_text_encoder(shipped_encoder.info) is not None
+    record_file = export_folder(shipped_encoder.info) / "export.json"
+    record = json.loads(record_file.read_text())
+    record["towers"]["text"]["probe"]["features"][0] = [-x for x in record["towers"]["text"]["probe"]["features"][0]]
+    record_file.write_text(json.dumps(record))
+    assert load_text_encoder(shipped_encoder.info) is None and "cosine" in caplog.text
+    (export_folder(shipped_encoder.info) / "text.onnx").write_bytes(b"not a graph")
+    assert load_text_encoder(shipped_encoder.info) is None and "cannot use" in caplog.text
 
 
 def test_runtime_choice():
+    from clipdex.commands.argtypes import RUNTIMES
     from clipdex.exceptions import ModelSpecError
-    from clipdex.retrieval.models.encoder import resolve_runtime
+    from clipdex.retrieval.models import encoder
 
-    assert resolve_runtime("auto", device="cpu") == "onnx"  # installed with the dev extras
-    assert resolve_runtime("auto", device="cuda") == "torch"
+    assert RUNTIMES == encoder.RUNTIMES  # the CLI's copy (it imports no torch)
+    assert encoder.onnx_towers("auto", device="cpu") == ("text",)  # installed with clipdex
+    assert encoder.onnx_towers("onnx", device="cpu") == ("text", "image")
+    assert encoder.onnx_towers("auto", device="cuda") == ()
     with pytest.raises(ModelSpecError, match="runs on the CPU"):
-        resolve_runtime("onnx", device="cuda:0")
+        encoder.onnx_towers("onnx", device="cuda:0")
     with pytest.raises(ModelSpecError, match="use one of"):
-        resolve_runtime("tensorrt", device="cpu")
+        encoder.onnx_towers("tensorrt", device="cpu")

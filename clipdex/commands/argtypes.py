@@ -126,9 +126,12 @@ def read_first_line(path: str, *, flag: str) -> str:
     return lines[0] if lines else ""
 
 
-RUNTIME_HELP = ("what runs the encoder's towers: torch (PyTorch), onnx (ONNX Runtime on the CPU, from an export of "
-                "the weights made once and cached, checked against PyTorch: pip install 'clipdex[onnx]'), auto (onnx "
-                "on the CPU when installed, else torch)")
+RUNTIMES = ("torch", "onnx", "auto")  # what --runtime takes (retrieval.models.encoder.RUNTIMES, without importing torch)
+RUNTIME_HELP = ("what runs the encoder's towers: auto (default: on the CPU, the text tower in ONNX Runtime and the "
+                "image tower in PyTorch, the faster of each here; the text export is made once per model and cached, "
+                "and a search with a cached one starts without PyTorch), onnx (both towers in ONNX Runtime), torch "
+                "(PyTorch only). Exports are checked against PyTorch fp32 (cosine >= 0.9999) and kept in "
+                "$CLIPDEX_CACHE/onnx (default ~/.cache/clipdex/onnx)")
 DEVICE_HELP = "where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:1"
 PRECISION_HELP = ("GPU arithmetic: auto and bf16 use bf16 autocast on CUDA, fp16 float16 autocast, fp32 none; "
                   "CPU always runs fp32")

@@ -9,6 +9,7 @@ from clipdex.commands.argtypes import (
     DEVICE_HELP,
     PRECISION_HELP,
     RUNTIME_HELP,
+    RUNTIMES,
     SPEC_HELP,
     WORKERS_HELP,
     float_at_least,
@@ -47,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--workers", type=int_at_least(0), default=None, metavar="N", help=WORKERS_HELP)
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
-    g.add_argument("--runtime", default="torch", choices=["torch", "onnx", "auto"], help=RUNTIME_HELP)
+    g.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     g.add_argument("--flush-rows", type=int_at_least(1), default=4096, metavar="N",
                    help="images written to LanceDB per append (larger: fewer table fragments)")
     g.add_argument("--exact-threshold", type=int_at_least(0), default=50_000, metavar="N",

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from clipdex.commands.argtypes import DEVICE_HELP, RUNTIME_HELP
+from clipdex.commands.argtypes import DEVICE_HELP, RUNTIME_HELP, RUNTIMES
 from clipdex.retrieval.store.record import DEFAULT_COLLECTION, DEFAULT_DB
 from clipdex.retrieval.store.rerank import DEFAULT_RERANK
 from clipdex.retrieval.store.schema import FILTER_COLUMNS
@@ -56,7 +56,7 @@ def _add_search(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None,
                    help="encoder for the query (default: the one the collection was indexed with)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "auto"], help=RUNTIME_HELP)
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_search)
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipdex.commands.argtypes import DEVICE_HELP, RUNTIME_HELP, int_at_least, read_first_line
+from clipdex.commands.argtypes import DEVICE_HELP, RUNTIME_HELP, RUNTIMES, int_at_least, read_first_line
 from clipdex.retrieval.store.record import DEFAULT_DB
 
 MIN_TOKEN = 16
@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the model POST /index gives a new collection (default: the embedded clipdex-world)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--decoder", default="", metavar="FILE", help="answering decoder (default: the shipped one)")
-    p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "auto"], help=RUNTIME_HELP)
+    p.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     p.add_argument("--threads", type=int_at_least(0), default=1, metavar="N",
                    help="torch threads per model call (0: torch's default, every core). One is the fastest under "
                    "concurrent load: the other cores serve HTTP and the next request (8 clients on 2 cores: 187 text "

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 if TYPE_CHECKING:  # the encoder module imports torch; a backend's interface does not need it
-    from clipdex.retrieval.models.encoder import EncoderInfo
+    from clipdex.retrieval.models.info import EncoderInfo
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,28 +18,11 @@ import torch.nn.functional as F
 from clipdex.exceptions import CheckpointError, ModelSpecError
 from clipdex.retrieval.models import checkpoint as ckpt
 from clipdex.retrieval.models.device import autocast, resolve_device
+from clipdex.retrieval.models.info import EncoderInfo  # noqa: F401 - also imported from here
 from clipdex.retrieval.models.registry import ensure_registered, register_config
 from clipdex.retrieval.models.spec import ModelSpec, parse_model_spec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What a store records about the encoder that filled it, so a mismatched query can be refused."""
-
-    spec: str
-    arch: str
-    embed_dim: int
-    image_size: int
-    context_length: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    weights: str = ""  # fingerprint of the weights (see weights_fingerprint); "" in stores made before it
-
-    def as_dict(self) -> dict:
-        """A JSON-ready dict."""
-        return asdict(self)
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -149,21 +132,25 @@ def _checkpoint_file(path: Path) -> Path:
 
 
 RUNTIMES = ("torch", "onnx", "auto")
+# What ``auto`` runs in ONNX Runtime on the CPU, by what was measured there (2 cores, clipdex-world, fp32,
+# bench/runtime_speed.py): text 2.2 ms a query against PyTorch's 5.0 ms; images 0.90x PyTorch's throughput, so
+# PyTorch keeps the image tower.
+AUTO_ONNX_TOWERS = ("text",)
 
 
-def resolve_runtime(runtime: str, *, device: str) -> str:
-    """``torch`` or ``onnx`` for a ``--runtime`` choice: ``auto`` is ONNX Runtime on the CPU when it is
-    installed, PyTorch otherwise; ``onnx`` needs the CPU."""
+def onnx_towers(runtime: str, *, device: str) -> tuple[str, ...]:
+    """The towers a ``--runtime`` choice runs in ONNX Runtime: none for ``torch``, both for ``onnx`` (which needs
+    the CPU), :data:`AUTO_ONNX_TOWERS` for ``auto`` on the CPU when ONNX Runtime is installed (none elsewhere)."""
     from clipdex.retrieval.models import onnx_runtime
 
     device = str(device)
     if runtime not in RUNTIMES:
         raise ModelSpecError(f"runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     if runtime == "auto":
-        return "onnx" if device == "cpu" and onnx_runtime.available() else "torch"
+        return AUTO_ONNX_TOWERS if device == "cpu" and onnx_runtime.available() else ()
     if runtime == "onnx" and device != "cpu":
         raise ModelSpecError(f"--runtime onnx runs on the CPU; the device is {device} (use --runtime torch there)")
-    return runtime
+    return onnx_runtime.TOWERS if runtime == "onnx" else ()
 
 
 class DualEncoder:
@@ -171,8 +158,9 @@ class DualEncoder:
 
     ``runtime``: ``torch`` runs the towers in PyTorch; ``onnx`` in ONNX Runtime from an export of these weights
     (:mod:`clipdex.retrieval.models.onnx_runtime`: made once, cached, checked against PyTorch fp32);
-    ``auto`` picks ONNX Runtime on the CPU when it is installed. The matcher's token features
-    (:meth:`text_query`, :meth:`text_states`) always come from PyTorch."""
+    ``auto`` runs :data:`AUTO_ONNX_TOWERS` (the text tower) in ONNX Runtime on the CPU when it is installed, the
+    rest in PyTorch (which then makes the text export a cold search runs without PyTorch). The matcher's token
+    features (:meth:`text_query`, :meth:`text_states`) always come from PyTorch."""
 
     def __init__(self, loaded: LoadedModel, *, device: str = "auto", precision: str = "auto", runtime: str = "torch"):
         self.device = resolve_device(device)
@@ -195,12 +183,13 @@ class DualEncoder:
             std=tuple(float(x) for x in cfg.get("std", ())),
             weights=weights_fingerprint(self.model),
         )
-        self.runtime = resolve_runtime(runtime, device=self.device)
+        towers = onnx_towers(runtime, device=self.device)
+        self.runtime = {(): "torch", ("text",): "onnx text, torch images"}.get(towers, "onnx")
         self.onnx = None
-        if self.runtime == "onnx":
+        if towers:
             from clipdex.retrieval.models.onnx_runtime import load_towers
 
-            self.onnx = load_towers(self, threads=torch.get_num_threads())
+            self.onnx = load_towers(self, threads=torch.get_num_threads(), towers=towers)
 
     @property
     def context_length(self) -> int:
@@ -226,7 +215,7 @@ class DualEncoder:
     @torch.no_grad()
     def encode_image_tensors(self, pixels: torch.Tensor) -> torch.Tensor:
         """Embed a preprocessed batch (B, 3, H, W); returns (B, D) normalised, on the model's device."""
-        if self.onnx is not None:
+        if self.onnx is not None and self.onnx.image is not None:
             feats, _ = self.onnx.encode_image(pixels.numpy())
             return F.normalize(torch.from_numpy(feats), dim=-1)
         with autocast(self.device, self.precision):
@@ -242,7 +231,7 @@ class DualEncoder:
     def encode_image_grid_tensors(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A preprocessed batch's normalised embeddings (B, D) and patch-token grids (B, cells, width) in
         fp16, from one forward pass; both on the CPU."""
-        if self.onnx is not None and self.onnx.grid:
+        if self.onnx is not None and self.onnx.image is not None and self.onnx.grid:
             feats, grid = self.onnx.encode_image(pixels.numpy())
             return F.normalize(torch.from_numpy(feats), dim=-1), torch.from_numpy(grid).half()
         with autocast(self.device, self.precision):
@@ -294,7 +283,7 @@ class DualEncoder:
         out = np.zeros((len(texts), self.info.embed_dim), np.float32)
         for i in range(0, len(texts), batch_size):
             idx = order[i:i + batch_size]
-            if self.onnx is not None:
+            if self.onnx is not None and self.onnx.text is not None:
                 feats = torch.from_numpy(self.onnx.encode_text(tokens[idx].numpy()))
             else:
                 with autocast(self.device, self.precision):

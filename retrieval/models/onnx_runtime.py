@@ -1,53 +1,66 @@
-"""The encoders' towers exported to ONNX and run by ONNX Runtime on the CPU (``--runtime onnx``): the one
+"""The encoders' towers exported to ONNX and run by ONNX Runtime on the CPU (``--runtime onnx|auto``): the one
 module that talks to ONNX Runtime.
 
 Why: on a small CPU most of a text query's 5 ms in PyTorch is per-operator overhead on tiny matrices
 (measured on 2 cores with clipdex-world: 5.0 ms for one caption, 18.9 ms for eight; ONNX Runtime 2.2 and
-10.8 ms). Any loaded open_clip model can be exported: the default, open_clip architectures, local
-checkpoints. The export is made once and kept in a cache folder keyed by the weights' fingerprint
-(``$CLIPDEX_CACHE`` or ``~/.cache/clipdex``, then ``onnx/<arch>-<fingerprint>/``): ``text.onnx``,
-``image.onnx`` and ``export.json`` (versions, the graph inputs, and the fidelity measured when it was made).
+10.8 ms), and a cold ``clipdex search`` that needs PyTorch and open_clip only to embed its query spends 3 s
+importing them. Any loaded open_clip model can be exported: the default, open_clip architectures, local
+checkpoints. Each tower is exported once, when first asked for, into a cache folder keyed by the weights'
+fingerprint (``$CLIPDEX_CACHE`` or ``~/.cache/clipdex``, then ``onnx/<arch>-<fingerprint>/``): ``text.onnx``,
+``image.onnx`` (each with its ``.data`` file of weights), ``merges.txt.gz`` (the tokenizer's) and
+``export.json``, the commit point: a tower is in the cache only once the record lists it.
 
 What is exported:
 - text: token ids (B, n) -> the unnormalised embedding (B, D). For open_clip's CLIP (causal attention,
   end-of-text pooling) ``n`` is the batch's longest caption, not the 77-token context (the trimmed path of
   :func:`~clipdex.retrieval.models.encoder.encode_text_trimmed`, exact); any other text tower takes the
-  full context.
+  full context. When the model's tokenizer is CLIP's BPE, the record keeps what :class:`ExportedTextEncoder`
+  needs to embed a query with no PyTorch at all (:mod:`clipdex.retrieval.models.bpe`), and the probe captions'
+  token ids and PyTorch fp32 embeddings to check itself against.
 - image: pixels (B, 3, H, W) -> the unnormalised embedding (B, D), and, for towers with a patch grid, the
   4 x 4 grid of patch tokens (B, 16, width) the store keeps for the matcher, from the same pass.
 
-Fidelity is checked when an export is made and whenever one is loaded from the cache for a model: the
-cosine of ONNX Runtime's embeddings to PyTorch fp32 on probe captions and images must be at least
-:data:`MIN_COSINE_FP32`, or the export is refused (deleted) and :class:`~clipdex.exceptions.RuntimeChoiceError`
-says why.
+Fidelity: whenever a tower is loaded for a PyTorch model (:func:`load_towers`), the cosine of ONNX Runtime's
+embeddings to PyTorch fp32 on probe captions and images must be at least :data:`MIN_COSINE_FP32`; a cached
+tower that fails is exported again, a fresh one that fails is refused with
+:class:`~clipdex.exceptions.RuntimeChoiceError`. :func:`load_text_encoder` (no PyTorch) checks the text tower
+against the embeddings PyTorch gave the probe captions at export time, and gives way to PyTorch (returns None)
+when it cannot vouch for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 
 from clipdex.exceptions import MissingDependencyError, RuntimeChoiceError
+from clipdex.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
 MIN_COSINE_FP32 = 0.9999  # an fp32 export must give the same embeddings as PyTorch, to float error
 OPSET = 18  # what torch's dynamo exporter writes
+FORMAT = 2  # of export.json: 2 records each tower on its own (1, one record for both, is exported again)
+TOWERS = ("text", "image")
 PROBE_CAPTIONS = ("a red circle left of a blue star", "two small green squares", "a photo",
                   "a large yellow hexagon with stripes in the top right corner of a gray noisy background, "
                   "beside a small purple triangle")
+MERGES_FILE = "merges.txt.gz"
 
 
 def available() -> bool:
-    """Whether ONNX Runtime and the exporter's onnxscript are installed (``pip install 'clipdex[onnx]'``)."""
-    from importlib.util import find_spec
-
+    """Whether ONNX Runtime and the exporter's onnxscript are installed (they come with clipdex)."""
     return all(find_spec(m) is not None for m in ("onnxruntime", "onnxscript"))
 
 
@@ -62,13 +75,52 @@ def export_folder(info) -> Path:
     return cache_root() / f"{safe}-{info.weights}"
 
 
+def open_clip_merges_file() -> Path:
+    """open_clip's CLIP BPE merges file, found without importing open_clip (which imports torch)."""
+    spec = find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError("open_clip is not installed: pip install open-clip-torch")
+    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def read_record(folder: Path, info) -> dict | None:
+    """The export record of ``folder`` if it is one of this format for ``info``'s architecture and weights."""
+    try:
+        record = json.loads((folder / "export.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if (record.get("format") != FORMAT or record.get("weights") != info.weights or record.get("arch") != info.arch
+            or not isinstance(record.get("towers"), dict)):
+        return None
+    return record
+
+
+def _session(path: Path, *, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _trim(tokens: np.ndarray) -> np.ndarray:
+    """Token ids cut after the batch's last end-of-text token (the highest id, so ``argmax`` finds it)."""
+    return tokens[:, : int(tokens.argmax(axis=-1).max()) + 1]
+
+
 @dataclass
 class OnnxTowers:
-    """ONNX Runtime sessions of one encoder's two towers."""
+    """ONNX Runtime sessions of one encoder's towers (None for a tower not loaded)."""
 
     folder: Path
-    text: object  # onnxruntime.InferenceSession
-    image: object
+    text: object | None  # onnxruntime.InferenceSession
+    image: object | None
     trimmed_text: bool  # the text graph takes the batch's longest caption, not the whole context
     grid: bool  # the image graph also gives the patch-token grid
     record: dict
@@ -76,7 +128,7 @@ class OnnxTowers:
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
         """Token ids (B, context) int64 -> unnormalised embeddings (B, D) float32."""
         if self.trimmed_text:
-            tokens = tokens[:, : int(tokens.argmax(axis=-1).max()) + 1]
+            tokens = _trim(tokens)
         return self.text.run(None, {"token_ids": np.ascontiguousarray(tokens, dtype=np.int64)})[0]
 
     def encode_image(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -85,6 +137,83 @@ class OnnxTowers:
         return out[0], (out[1] if self.grid else None)
 
 
+class ExportedTextEncoder:
+    """A text tower exported with CLIP's BPE tokenizer, run with no PyTorch or open_clip: what a cold search
+    embeds its query with (:meth:`SearchCollection.text_encoder`). The same embeddings as the PyTorch tower, to
+    :data:`MIN_COSINE_FP32`; ``info`` is the collection's encoder record, whose weights the export was made from."""
+
+    runtime = "onnx"
+
+    def __init__(self, info, session, tokenizer, *, trimmed: bool, folder: Path):
+        self.info = info
+        self.session = session
+        self.tokenizer = tokenizer
+        self.trimmed = trimmed
+        self.folder = folder
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the text tower reads, start and end markers included; a longer text is cut to this."""
+        return self.tokenizer.context_length
+
+    def token_count(self, text: str) -> int:
+        """Tokens ``text`` takes before it is cut to :attr:`context_length`, start and end markers included."""
+        return self.tokenizer.token_count(text)
+
+    def _run(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = _trim(tokens) if self.trimmed else tokens
+        return self.session.run(None, {"token_ids": np.ascontiguousarray(tokens, dtype=np.int64)})[0]
+
+    def encode_texts(self, texts, *, batch_size: int = 32) -> np.ndarray:
+        """Embed texts; (N, D) float32, L2-normalised, in batches of similar length (as ``DualEncoder`` does)."""
+        out = np.zeros((len(texts), self.info.embed_dim), np.float32)
+        if not len(texts):
+            return out
+        tokens = self.tokenizer(list(texts))
+        order = np.argsort(tokens.argmax(axis=-1), kind="stable")
+        for i in range(0, len(texts), batch_size):
+            idx = order[i:i + batch_size]
+            out[idx] = _normalise(self._run(tokens[idx]))
+        return out
+
+
+def load_text_encoder(info, *, threads: int = 1) -> ExportedTextEncoder | None:
+    """The cached text export of ``info``'s weights as an :class:`ExportedTextEncoder`, or None when there is
+    none to vouch for: no ONNX Runtime, no export (``clipdex index`` makes one), a tokenizer other than CLIP's
+    BPE, or a check that fails (the probe captions' token ids, or their embeddings at cosine below
+    :data:`MIN_COSINE_FP32` to what PyTorch gave at export time). Imports no PyTorch."""
+    if find_spec("onnxruntime") is None:
+        return None
+    folder = export_folder(info)
+    record = read_record(folder, info)
+    text = (record or {}).get("towers", {}).get("text")
+    if not text or not text.get("tokenizer"):
+        return None
+    from clipdex.retrieval.models.bpe import ClipBpeTokenizer
+
+    try:
+        tok = ClipBpeTokenizer(folder / MERGES_FILE, context_length=int(text["tokenizer"]["context_length"]))
+        probe = text["probe"]
+        tokens = tok(probe["captions"])
+        if not np.array_equal(tokens, np.asarray(probe["tokens"], np.int64)):
+            logger.warning("%s: the tokenizer does not give the probe captions' recorded ids; embedding queries "
+                           "with PyTorch", folder)
+            return None
+        encoder = ExportedTextEncoder(info, _session(folder / text["file"], threads=threads), tok,
+                                      trimmed=bool(text["trimmed"]), folder=folder)
+        cos = float((_normalise(encoder._run(tokens)) * np.asarray(probe["features"], np.float32)).sum(-1).min())
+    except Exception as e:  # noqa: BLE001 - a damaged cache only costs the fast path, said once
+        logger.warning("cannot use the ONNX text export in %s (%s: %s); embedding queries with PyTorch", folder,
+                       type(e).__name__, e)
+        return None
+    if cos < MIN_COSINE_FP32:
+        logger.warning("the ONNX text export in %s gives the probe captions cosine %.6f to PyTorch's (at least %s "
+                       "needed); embedding queries with PyTorch", folder, cos, MIN_COSINE_FP32)
+        return None
+    return encoder
+
+
+# --- export (needs PyTorch and the exporter) -------------------------------------------------------------
 def _text_module(model):
     """A module computing the text embedding from token ids, trimmed when the tower allows it (see the
     module docstring); (module, trimmed)."""
@@ -131,136 +260,200 @@ def _image_module(model, *, grid: bool):
     return Image(model)
 
 
-def export(encoder, folder: Path) -> None:
-    """Export ``encoder``'s towers (fp32, on the CPU) into ``folder`` (written atomically: a folder that
-    exists holds a whole export)."""
-    import shutil
+def _bpe_tokenizer_record(encoder) -> dict | None:
+    """What :func:`load_text_encoder` needs to tokenize like ``encoder`` without open_clip, or None when its
+    tokenizer is not open_clip's plain CLIP BPE (lower-case cleaning, no extra tokens, truncation)."""
+    from open_clip.tokenizer import SimpleTokenizer, _clean_lower
 
-    import torch
+    from clipdex.retrieval.models.bpe import ClipBpeTokenizer
 
-    model = encoder.model.float().cpu().eval()
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t0 = time.perf_counter()
-    text, trimmed = _text_module(model)
-    tokens = encoder.tokenizer(list(PROBE_CAPTIONS))
-    if trimmed:
-        tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
-    size = encoder.info.image_size
-    pixels = torch.zeros((3, 3, size, size))  # batch 3, not 1 or 2, which the exporter would take for a constant
-    grid = encoder.has_grid
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form; the plain path is exact
-    try:
-        _export_graphs(text, tokens, _image_module(model, grid=grid), pixels, tmp=tmp, grid=grid, trimmed=trimmed,
-                       context=encoder.context_length)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    import onnxruntime
+    tok = encoder.tokenizer
+    if type(tok) is not SimpleTokenizer or tok.reduction_fn is not None or tok.clean_fn is not _clean_lower:
+        return None
+    ours = ClipBpeTokenizer(open_clip_merges_file(), context_length=encoder.context_length)
+    if ours.encoder != tok.encoder or not np.array_equal(ours(list(PROBE_CAPTIONS)),
+                                                         tok(list(PROBE_CAPTIONS)).numpy()):
+        return None
+    return {"kind": "clip-bpe", "file": MERGES_FILE, "context_length": encoder.context_length}
 
 
-    record = {"arch": encoder.info.arch, "weights": encoder.info.weights, "spec": encoder.info.spec,
-              "opset": OPSET, "exporter": "torch.onnx dynamo", "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-              "precision": "fp32", "trimmed_text": trimmed, "grid": grid,
-              "export_seconds": round(time.perf_counter() - t0, 2)}
-    (tmp / "export.json").write_text(json.dumps(record, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-def _export_graphs(text, tokens, image, pixels, *, tmp: Path, grid: bool, trimmed: bool,
-                   context: int) -> None:
-    """Both graphs through torch's dynamo exporter, with the batch (and the text length) dynamic."""
-    import contextlib
+def _export_graph(module, example, *, path: Path, input_name: str, outputs: list[str], dims: dict) -> None:
+    """One graph through torch's dynamo exporter into ``path`` (and its ``.data`` file beside it); ``dims``:
+    the dynamic dimensions of the module's one input."""
+    import inspect
     import io
     import warnings
 
     import torch
 
-    batch = torch.export.Dim("batch")
-    text_dims = {0: batch, 1: torch.export.Dim("length", max=context)} if trimmed else {0: batch}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(text, (tokens,), str(tmp / "text.onnx"), input_names=["token_ids"],
-                          output_names=["text_features"], dynamic_shapes={"tokens": text_dims},
-                          dynamo=True, verbose=False)
-        outputs = ["image_features", "patch_grid"] if grid else ["image_features"]
-        torch.onnx.export(image, (pixels,), str(tmp / "image.onnx"), input_names=["pixels"], output_names=outputs,
-                          dynamic_shapes={"pixels": {0: batch}}, dynamo=True, verbose=False)
+    arg = next(iter(inspect.signature(module.forward).parameters))
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form; the plain path is exact
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(path), input_names=[input_name], output_names=outputs,
+                              dynamic_shapes={arg: dims}, dynamo=True, verbose=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
-def _sessions(folder: Path, *, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    make = lambda name: ort.InferenceSession(str(folder / name), opts, providers=["CPUExecutionProvider"])  # noqa: E731
-    return make("text.onnx"), make("image.onnx")
-
-
-def fidelity(encoder, towers: OnnxTowers) -> dict:
-    """Cosine of the exported towers' embeddings to PyTorch fp32 on the probe captions and two synthetic
-    images: ``{"text_min", "image_min"}`` (and ``grid_max_abs`` when there is a grid)."""
+def _export_tower(encoder, folder: Path, tower: str) -> dict:
+    """Export ``tower`` of ``encoder`` (fp32, on the CPU) into ``folder``; its record (not yet written). The
+    files are written in a temporary folder and moved in, weights first."""
     import torch
 
-    from clipdex.retrieval.models.encoder import encode_text_trimmed, image_tokens
-
-    model = encoder.model
-    tokens = encoder.tokenizer(list(PROBE_CAPTIONS))
-    size = encoder.info.image_size
-    rng = np.random.default_rng(0)
-    pixels = torch.from_numpy(rng.standard_normal((2, 3, size, size), dtype=np.float32))
-    with torch.no_grad():
-        ref_t = encode_text_trimmed(model.float(), tokens.to(encoder.device)).cpu().numpy()
-        if towers.grid:
-            ref_i, ref_g = (t.cpu().numpy() for t in image_tokens(model, pixels.to(encoder.device)))
+    model = encoder.model.float().cpu().eval()
+    tmp = folder / f".{tower}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    batch = torch.export.Dim("batch")
+    try:
+        if tower == "text":
+            module, trimmed = _text_module(model)
+            tokens = encoder.tokenizer(list(PROBE_CAPTIONS))
+            tokens = tokens[:, : int(tokens.argmax(dim=-1).max()) + 1] if trimmed else tokens
+            dims = {0: batch, 1: torch.export.Dim("length", max=encoder.context_length)} if trimmed else {0: batch}
+            _export_graph(module, tokens, path=tmp / "text.onnx", input_name="token_ids", outputs=["text_features"],
+                          dims=dims)
+            record = {"file": "text.onnx", "trimmed": trimmed, "tokenizer": _bpe_tokenizer_record(encoder)}
+            if record["tokenizer"]:
+                shutil.copyfile(open_clip_merges_file(), tmp / MERGES_FILE)
         else:
-            ref_i, ref_g = model.encode_image(pixels.to(encoder.device)).cpu().numpy(), None
-    got_t = towers.encode_text(tokens.numpy())
-    got_i, got_g = towers.encode_image(pixels.numpy())
-    cos = lambda a, b: (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)  # noqa: E731
-    out = {"text_min": float(cos(ref_t, got_t).min()), "image_min": float(cos(ref_i, got_i).min())}
-    if ref_g is not None:
-        out["grid_max_abs"] = float(np.abs(ref_g - got_g).max())
+            size = encoder.info.image_size
+            pixels = torch.zeros((3, 3, size, size))  # batch 3, not 1 or 2, which the exporter takes for a constant
+            grid = encoder.has_grid
+            _export_graph(_image_module(model, grid=grid), pixels, path=tmp / "image.onnx", input_name="pixels",
+                          outputs=["image_features", "patch_grid"] if grid else ["image_features"], dims={0: batch})
+            record = {"file": "image.onnx", "grid": grid}
+        for f in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".onnx"):  # the graph last: it names its weights
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    record["export_seconds"] = round(time.perf_counter() - t0, 2)
+    return record
+
+
+@contextlib.contextmanager
+def _export_lock(folder: Path) -> Iterator[None]:
+    """One exporter of a cache folder at a time (two processes asking for the same model wait for one export)."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".export.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_record(folder: Path, record: dict) -> None:
+    atomic_write(folder / "export.json", lambda p: p.write_text(json.dumps(record, indent=1)))
+
+
+def _new_record(encoder) -> dict:
+    import onnxruntime
+    import torch
+
+    return {"format": FORMAT, "arch": encoder.info.arch, "weights": encoder.info.weights, "spec": encoder.info.spec,
+            "opset": OPSET, "exporter": "torch.onnx dynamo", "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "precision": "fp32", "towers": {}}
+
+
+def _probe_pixels(encoder) -> np.ndarray:
+    size = encoder.info.image_size
+    return np.random.default_rng(0).standard_normal((2, 3, size, size), dtype=np.float32)
+
+
+def _text_fidelity(encoder, towers: OnnxTowers) -> tuple[dict, dict]:
+    """(the text tower's fidelity, its probe: the captions, their token ids and PyTorch fp32 embeddings)."""
+    import torch
+
+    from clipdex.retrieval.models.encoder import encode_text_trimmed
+
+    tokens = encoder.tokenizer(list(PROBE_CAPTIONS))
+    with torch.no_grad():
+        ref = _normalise(encode_text_trimmed(encoder.model.float(), tokens.to(encoder.device)).cpu().numpy())
+    cos = (ref * _normalise(towers.encode_text(tokens.numpy()))).sum(-1)
+    probe = {"captions": list(PROBE_CAPTIONS), "tokens": tokens.numpy().tolist(), "features": ref.tolist()}
+    return {"min_cosine": float(cos.min())}, probe
+
+
+def _image_fidelity(encoder, towers: OnnxTowers) -> dict:
+    import torch
+
+    from clipdex.retrieval.models.encoder import image_tokens
+
+    pixels = torch.from_numpy(_probe_pixels(encoder)).to(encoder.device)
+    with torch.no_grad():
+        if towers.grid:
+            ref, ref_grid = (t.cpu().numpy() for t in image_tokens(encoder.model, pixels))
+        else:
+            ref, ref_grid = encoder.model.encode_image(pixels).cpu().numpy(), None
+    got, grid = towers.encode_image(pixels.cpu().numpy())
+    out = {"min_cosine": float((_normalise(ref) * _normalise(got)).sum(-1).min())}
+    if ref_grid is not None:
+        out["grid_max_abs"] = float(np.abs(ref_grid - grid).max())
     return out
 
 
-def load_towers(encoder, *, threads: int = 0) -> OnnxTowers:
-    """``encoder``'s towers in ONNX Runtime: from the cache, or exported now; each load checks fidelity
-    against PyTorch fp32 (:data:`MIN_COSINE_FP32`). ``threads``: ONNX Runtime's intra-op threads (0: its
-    default, every core)."""
+def _open(encoder, folder: Path, record: dict, towers: tuple[str, ...], *, threads: int) -> OnnxTowers:
+    """Sessions of ``towers`` from ``folder``, each checked against PyTorch fp32; the fidelity (and the text
+    probe) go into ``record``. Raises RuntimeChoiceError naming the tower that falls short."""
+    t = record["towers"]
+    out = OnnxTowers(folder, None, None, bool(t.get("text", {}).get("trimmed")), bool(t.get("image", {}).get("grid")),
+                     record)
+    for tower in towers:
+        setattr(out, tower, _session(folder / t[tower]["file"], threads=threads))
+        if tower == "text":
+            t["text"]["fidelity"], t["text"]["probe"] = _text_fidelity(encoder, out)
+        else:
+            t["image"]["fidelity"] = _image_fidelity(encoder, out)
+        cos = t[tower]["fidelity"]["min_cosine"]
+        if cos < MIN_COSINE_FP32:
+            raise RuntimeChoiceError(f"the ONNX export of {encoder.info.spec}'s {tower} tower gives embeddings at "
+                                     f"cosine {cos:.6f} to PyTorch's (at least {MIN_COSINE_FP32} needed)")
+    return out
+
+
+def load_towers(encoder, *, threads: int = 0, towers: tuple[str, ...] = TOWERS) -> OnnxTowers:
+    """``encoder``'s ``towers`` in ONNX Runtime: from the cache, or exported now (once per weights); each load
+    checks fidelity against PyTorch fp32 (:data:`MIN_COSINE_FP32`), and a cached export that fails it (or cannot
+    be read) is made again. ``threads``: ONNX Runtime's intra-op threads (0: its default, every core)."""
     if not available():
-        raise MissingDependencyError("--runtime onnx needs ONNX Runtime: pip install 'clipdex[onnx]'")
+        raise MissingDependencyError("--runtime onnx needs ONNX Runtime and onnxscript: pip install onnxruntime "
+                                     "onnxscript onnx")
     folder = export_folder(encoder.info)
-    made = False
-    if not (folder / "export.json").is_file():
-        logger.info("exporting %s to ONNX in %s (once for these weights)", encoder.info.spec, folder)
+    record = read_record(folder, encoder.info)
+    if record is not None and all(t in record["towers"] for t in towers):
         try:
-            export(encoder, folder)
-        except Exception as e:  # noqa: BLE001 - any exporter failure is this model's, said with its name
-            raise RuntimeChoiceError(f"cannot export {encoder.info.spec} to ONNX ({type(e).__name__}: {e}); use "
-                                     "--runtime torch") from e
-        made = True
-    record = json.loads((folder / "export.json").read_text())
-    text, image = _sessions(folder, threads=threads)
-    towers = OnnxTowers(folder, text, image, bool(record["trimmed_text"]), bool(record["grid"]), record)
-    check = fidelity(encoder, towers)
-    if min(check["text_min"], check["image_min"]) < MIN_COSINE_FP32:
-        import shutil
+            return _open(encoder, folder, record, towers, threads=threads)
+        except Exception as e:  # noqa: BLE001 - an unreadable or unfaithful export, whatever ONNX Runtime raised
+            logger.warning("the cached ONNX export in %s is unusable (%s); exporting it again", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+    with _export_lock(folder):
+        record = read_record(folder, encoder.info) or _new_record(encoder)  # another process may have made it
+        for tower in towers:
+            if tower in record["towers"]:
+                continue
+            logger.info("exporting %s's %s tower to ONNX in %s (once for these weights)", encoder.info.spec, tower,
+                        folder)
+            try:
+                record["towers"][tower] = _export_tower(encoder, folder, tower)
+            except Exception as e:  # noqa: BLE001 - any exporter failure is this model's, said with its name
+                raise RuntimeChoiceError(f"cannot export {encoder.info.spec}'s {tower} tower to ONNX "
+                                         f"({type(e).__name__}: {e}); use --runtime torch") from e
+        try:
+            opened = _open(encoder, folder, record, towers, threads=threads)
+        except Exception as e:  # noqa: BLE001
+            shutil.rmtree(folder, ignore_errors=True)
+            detail = str(e) if isinstance(e, RuntimeChoiceError) else (
+                f"ONNX Runtime cannot run the export of {encoder.info.spec} in {folder} ({type(e).__name__}: {e})")
+            raise RuntimeChoiceError(f"{detail}; the export was removed. Use --runtime torch") from e
+        _write_record(folder, record)
+        return opened
 
-        shutil.rmtree(folder, ignore_errors=True)
-        raise RuntimeChoiceError(f"the ONNX export of {encoder.info.spec} gives embeddings at cosine "
-                                 f"{min(check['text_min'], check['image_min']):.6f} to PyTorch's (at least "
-                                 f"{MIN_COSINE_FP32} needed); it was removed. Use --runtime torch")
-    if made:
-        record["fidelity"] = check
-        (folder / "export.json").write_text(json.dumps(record, indent=1))
-    towers.record = record | {"fidelity": check}
-    return towers
 
-
-__all__ = ["MIN_COSINE_FP32", "OnnxTowers", "available", "cache_root", "export", "export_folder", "fidelity",
-           "load_towers"]
+__all__ = ["FORMAT", "MIN_COSINE_FP32", "ExportedTextEncoder", "OnnxTowers", "available", "cache_root",
+           "export_folder", "load_text_encoder", "load_towers", "open_clip_merges_file", "read_record"]

@@ -91,7 +91,12 @@ def matcher_path(spec: "str | ModelSpec") -> Path | None:
 def find_matcher(encoder: "DualEncoder") -> Path | None:
     """The matcher file of ``encoder``'s model (see :func:`matcher_path`) if there is one, else None. Its
     fingerprint is checked when it is loaded (:func:`load_matcher_for`)."""
-    path = matcher_path(encoder.loaded.spec)
+    return find_matcher_for(encoder.loaded.spec)
+
+
+def find_matcher_for(spec: "str | ModelSpec") -> Path | None:
+    """:func:`find_matcher` from a model spec, before (or without) loading the model."""
+    path = matcher_path(spec)
     return path if path is not None and path.is_file() else None
 
 

@@ -29,7 +29,7 @@ import pyarrow as pa
 from clipdex.exceptions import StoreError
 
 if TYPE_CHECKING:  # the encoder module imports torch; the store does not need it to open a database
-    from clipdex.retrieval.models.encoder import EncoderInfo
+    from clipdex.retrieval.models.info import EncoderInfo
 
 ENCODER_KEY = b"clipdex.encoder"
 STORE_VERSION_KEY = b"clipdex.store_version"

@@ -29,10 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from clipdex.exceptions import ClipdexError, CorruptStoreError
-from clipdex.retrieval.models.images import open_rgb
 from clipdex.retrieval.store.faiss_index import (
     IndexConfig,
     LoadedIndex,
@@ -47,7 +45,7 @@ from clipdex.retrieval.store.record import (
 from clipdex.retrieval.store.rerank import (
     DEFAULT_RERANK,
     RerankInfo,
-    find_matcher,
+    find_matcher_for,
     load_matcher_for,
     match_probabilities,
     matcher_path,
@@ -110,9 +108,10 @@ class SearchCollection:
 
     def __init__(self, collection: Collection, *, model: str | None = None, device: str = "auto",
                  index_config: IndexConfig = IndexConfig(), encoder=None, matcher: str | Path | None = None,
-                 runtime: str = "torch"):
+                 runtime: str = "auto"):
         self.collection = collection
         self.runtime = runtime
+        self._text_encoder = None  # the exported text tower (no PyTorch), False once found unusable
         self._matcher_file = Path(matcher) if matcher is not None else None
         self._matcher = None  # (LoadedMatcher or None, reason or None), once looked for
         self.info = collection.encoder_info()
@@ -136,6 +135,26 @@ class SearchCollection:
             self._encoder = enc
         return self._encoder
 
+    @property
+    def text_encoder(self):
+        """What embeds text queries: with runtime ``auto`` or ``onnx`` on the CPU and the collection's own model, a
+        cached export of its text tower that checks out (:func:`~clipdex.retrieval.models.onnx_runtime.load_text_encoder`;
+        ``clipdex index`` makes it), run with no PyTorch: a cold search then skips 3 s of imports. Otherwise
+        :attr:`encoder`."""
+        if self._text_encoder is None:
+            self._text_encoder = self._exported_text_encoder() or False
+        return self._text_encoder or self.encoder
+
+    def _exported_text_encoder(self):
+        if self._encoder is not None:  # a model already loaded (or handed in) embeds its own queries
+            return None
+        if (self.runtime not in ("auto", "onnx") or str(self.device) not in ("auto", "cpu")
+                or self._model not in (None, self.info.spec) or not self.info.weights):
+            return None
+        from clipdex.retrieval.models.onnx_runtime import load_text_encoder
+
+        return load_text_encoder(self.info)
+
     def index(self, table: str) -> LoadedIndex:
         """The FAISS index of ``table`` ('images' or 'captions'), rebuilt first if stale. Whether the
         table changed (another process indexing into it) is checked at most once per second."""
@@ -155,19 +174,23 @@ class SearchCollection:
         """The (D,) embedding of a text query; blank text is refused, and a text longer than the text
         tower's context is cut to it with a warning."""
         self.check_text(text)
-        return self.encoder.encode_texts([text])[0]
+        return self.text_encoder.encode_texts([text])[0]
 
     def check_text(self, text: str) -> None:
         """Refuse a blank text query; warn when it is longer than the text tower reads."""
         if not text or not text.strip():
             raise ClipdexError(f"empty text query {text!r}: type some words to search for (or query with an image)")
-        n, context = self.encoder.token_count(text), self.encoder.context_length
+        n, context = self.text_encoder.token_count(text), self.text_encoder.context_length
         if n is not None and n > context:
             logger.warning("the text query is longer than %s reads: kept its first %d of %d tokens, the rest is "
                            "ignored", self.info.spec, context, n)
 
     def embed_image(self, image) -> np.ndarray:
         """The (D,) embedding of an image query: a path or a PIL image."""
+        from PIL import Image
+
+        from clipdex.retrieval.models.images import open_rgb  # imports torch, as the image tower does
+
         im = image if isinstance(image, Image.Image) else open_rgb(image)
         return self.encoder.encode_images([im])[0]
 
@@ -208,16 +231,16 @@ class SearchCollection:
         if layout is None:
             return None, (f"collection {self.collection.name!r} stores no patch-token grids (indexed without them, "
                           "or by an older clipdex): re-index it into a new collection to re-rank")
-        enc = self.encoder
-        if self._matcher_file is not None:
-            return load_matcher_for(enc, self._matcher_file, grid=layout), None  # asked for by name: errors raise
-        path = find_matcher(enc)
+        if self._matcher_file is not None:  # asked for by name: errors raise
+            return load_matcher_for(self.encoder, self._matcher_file, grid=layout), None
+        spec = self._model or self.info.spec
+        path = find_matcher_for(spec)  # looked for before the model is loaded: most models have none
         if path is None:
-            where = matcher_path(enc.loaded.spec)
-            return None, (f"model {enc.info.spec!r} has no matcher"
+            where = matcher_path(spec)
+            return None, (f"model {spec!r} has no matcher"
                           + (f" (none at {where})" if where else " (only local weights files have one)"))
         try:
-            return load_matcher_for(enc, path, grid=layout), None
+            return load_matcher_for(self.encoder, path, grid=layout), None
         except ClipdexError as e:
             logger.warning("not re-ranking with %s: %s", path, e)
             return None, str(e)
@@ -315,9 +338,9 @@ class SearchCollection:
 
 def open_collection(db: str | Path, *, collection: str = DEFAULT_COLLECTION, model: str | None = None,
                     device: str = "auto", index_config: IndexConfig = IndexConfig(),
-                    matcher: str | Path | None = None, runtime: str = "torch") -> SearchCollection:
+                    matcher: str | Path | None = None, runtime: str = "auto") -> SearchCollection:
     """Open a collection of a database folder for search (the encoder loads on the first query, its towers run
-    by ``runtime``: torch, onnx or auto)."""
+    by ``runtime``: torch, onnx or auto; see :attr:`SearchCollection.text_encoder`)."""
     return SearchCollection(Database(db).open(collection), model=model, device=device, index_config=index_config,
                             matcher=matcher, runtime=runtime)
 
