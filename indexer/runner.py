@@ -208,6 +208,7 @@ class LoopResult:
     decode_cpu: float
     seconds: float
     engine: dict = field(default_factory=lambda: {"name": "local"})
+    first_batch_at: float | None = None  # perf_counter when the first batch went to the encoder (None: none did)
 
 
 def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float,
@@ -338,10 +339,12 @@ def _index_loop(settings: IndexSettings, prep: PreparedRun, pool: DecodePool, *,
                                max_pixels=settings.max_pixels, draft_size=encoder.info.image_size,
                                follow_links=settings.follow_links)
         t_wait = time.perf_counter()
+        first = None
         for batch in batches:
             wait += time.perf_counter() - t_wait
             decode_cpu += batch["decode_seconds"]
             if batch["pixels"] is not None:
+                first = first or time.perf_counter()
                 _write_batch(writer, embedder, batch, [plan.todo[p] for p in batch["pos"]])
             report.batch(batch["count"], [{"path": plan.todo[p].path, "reason": r} for p, r in batch["errors"]])
             t_wait = time.perf_counter()
@@ -351,7 +354,8 @@ def _index_loop(settings: IndexSettings, prep: PreparedRun, pool: DecodePool, *,
         raise
     finally:
         report.close()
-    return LoopResult(writer, embedder.seconds, report.failures, wait, decode_cpu, time.perf_counter() - t_loop)
+    return LoopResult(writer, embedder.seconds, report.failures, wait, decode_cpu, time.perf_counter() - t_loop,
+                      first_batch_at=first)
 
 
 def _nothing_to_embed(settings: IndexSettings, prep: PreparedRun, *, progress: bool,
@@ -394,6 +398,8 @@ def _finish(settings: IndexSettings, prep: PreparedRun, loop: LoopResult, *, wor
         for table in ("images", "captions"):
             indexes[table] = load_for(collection, table, config=settings.index).sidecar  # rebuilt if stale
     times["faiss"] = time.perf_counter() - t0
+    if loop.first_batch_at is not None:  # from the call to the first batch's embedding: what a user waits first
+        times["to_first_batch"] = loop.first_batch_at - t_start
     times.update({"decode_wait": loop.decode_wait, "decode_worker_cpu": loop.decode_cpu, "embed": loop.embed_seconds,
                   "write": writer.seconds, "index_loop": loop.seconds, "total": time.perf_counter() - t_start})
     times = {k: v for k, v in times.items() if v is not None}
