@@ -4,9 +4,9 @@ Each collection is two LanceDB tables, ``<name>__images`` and ``<name>__captions
 encoder and patch-token grid layout are described in :mod:`clipdex.retrieval.store.schema`: an append or a
 query with another encoder is refused rather than returning nonsense. FAISS indexes
 (:mod:`clipdex.retrieval.store.faiss_index`) are accelerators built from these tables; the tables are always
-the truth. This is the only module that calls LanceDB, and Lance (the format under it: the Ray engine's
-workers write data files with :func:`write_fragments`, the run commits them with
-:meth:`Collection.commit_fragments`).
+the truth. This is the only module that calls LanceDB, and Lance (the format under it: a query reads the
+tables' heads through it, which imports in a fifth of LanceDB's time; the Ray engine's workers write data files
+with :func:`write_fragments`, the run commits them with :meth:`Collection.commit_fragments`).
 
 Crash safety: captions are appended before the images they belong to and deleted after them, so the
 images table is the commit point. :meth:`Collection.reconcile` drops captions whose image row is absent,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
     from clipdex.retrieval.models.info import EncoderInfo
 
 logger = logging.getLogger(__name__)
+
+# Lance warns at every fork once it is loaded. clipdex's forked children (decoding workers, world rendering, data
+# loaders) never touch Lance, so the warning would only alarm: it is silenced for the whole process.
+warnings.filterwarnings("ignore", message="lance is not fork-safe", category=UserWarning)
 
 DEFAULT_DB = "clipdex-data/db"
 DEFAULT_COLLECTION = "default"
