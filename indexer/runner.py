@@ -265,9 +265,10 @@ def _prepare(settings: IndexSettings, listing: SourceListing, db: Database, *, e
     t0 = time.perf_counter()
     if collection is None:
         grid = grid_layout_for(encoder) if settings.grids else None
-        collection = db.open_or_create(settings.collection, info=encoder.info, grid=grid)
+        collection = db.open_or_create(settings.collection, info=encoder.info, grid=grid,
+                                       image_precision=encoder.image_precision)
     elif encoder is not None:
-        collection.check_encoder(encoder.info, action="append to")
+        collection.check_encoder(encoder.info, action="append to", image_precision=encoder.image_precision)
     duplicates = collection.remove_duplicates()
     if duplicates["images"] or duplicates["captions"]:
         logger.warning("collection %s held %d duplicate image rows and %d duplicate caption rows (from runs of an "

@@ -36,8 +36,34 @@ def test_the_export_is_cached_by_weights_and_records_its_fidelity(onnx_encoder):
     stamp = (folder / "text.onnx").stat().st_mtime_ns
     again = load_encoder("clipdex-world", device="cpu", runtime="onnx")  # from the cache: no second export
     assert (folder / "text.onnx").stat().st_mtime_ns == stamp and again.onnx.image is not None
-    auto = load_encoder("clipdex-world", device="cpu", runtime="auto")
-    assert auto.runtime == "onnx text, torch images" and auto.onnx.image is None
+    auto = load_encoder("clipdex-world", device="cpu", runtime="auto")  # the image tower: the faster, measured once
+    measured = json.loads((folder / "export.json").read_text())["auto_image"]
+    assert measured["choice"] == ("onnx" if measured["onnx_s"] < measured["torch_s"] else "torch")
+    assert auto.runtime == {"onnx": "onnx", "torch": "onnx text, torch images"}[measured["choice"]]
+    assert (auto.onnx.image is None) == (measured["choice"] == "torch")
+
+
+def test_int8_image_tower_stays_close_to_fp32_and_a_collection_keeps_its_precision(shipped_encoder, tiny_world,
+                                                                                  tmp_path):
+    from clipdex.data_manifests.pairs import load_pairs
+    from clipdex.exceptions import ModelMismatchError
+    from clipdex.indexer.runner import IndexSettings, run_index
+    from clipdex.retrieval.models.encoder import load_encoder
+    from clipdex.retrieval.models.images import open_rgb
+    from clipdex.retrieval.store.record import Database
+
+    int8 = load_encoder("clipdex-world", device="cpu", runtime="onnx", precision="int8")
+    assert int8.runtime == "onnx, int8 images" and int8.image_precision == "int8"
+    pairs = load_pairs(tiny_world, split="test")
+    pixels = torch.stack([shipped_encoder.preprocess(open_rgb(p)) for p in pairs.paths[:64]])
+    cos = (shipped_encoder.encode_image_tensors(pixels) * int8.encode_image_tensors(pixels)).sum(-1)
+    assert cos.min() >= 0.99 and cos.mean() >= 0.999, (float(cos.min()), float(cos.mean()))
+    db = tmp_path / "db"
+    base = dict(source=str(tiny_world), split="corpus", db=str(db), collection="q", device="cpu", grids=False)
+    run_index(IndexSettings(**base, precision="int8"), progress=False, encoder=int8)
+    assert Database(db).open("q").image_precision() == "int8"
+    with pytest.raises(ModelMismatchError, match="int8 image tower"):  # fp32 vectors are not mixed in
+        run_index(IndexSettings(**base, rehash=True), progress=False, encoder=shipped_encoder)
 
 
 def test_embeddings_match_pytorch_on_world_captions_and_images(onnx_encoder, shipped_encoder, tiny_world):
@@ -116,7 +142,10 @@ def test_runtime_choice():
     from clipdex.retrieval.models import encoder
 
     assert RUNTIMES == encoder.RUNTIMES  # the CLI's copy (it imports no torch)
-    assert encoder.onnx_towers("auto", device="cpu") == ("text",)  # installed with clipdex
+    assert encoder.onnx_towers("auto", device="cpu") == ("text", "image")  # installed with clipdex
+    assert encoder.onnx_towers("auto", device="cpu", precision="int8") == ("text", "image-int8")
+    with pytest.raises(ModelSpecError, match="int8"):
+        encoder.onnx_towers("torch", device="cpu", precision="int8")
     assert encoder.onnx_towers("onnx", device="cpu") == ("text", "image")
     assert encoder.onnx_towers("auto", device="cuda") == ()
     with pytest.raises(ModelSpecError, match="runs on the CPU"):

@@ -134,5 +134,7 @@ RUNTIME_HELP = ("what runs the encoder's towers: auto (default: on the CPU, the 
                 "$CLIPDEX_CACHE/onnx (default ~/.cache/clipdex/onnx)")
 DEVICE_HELP = "where the model runs: auto (cuda if available, else cpu), cpu, cuda, cuda:1"
 PRECISION_HELP = ("GPU arithmetic: auto and bf16 use bf16 autocast on CUDA, fp16 float16 autocast, fp32 none; "
-                  "CPU always runs fp32")
+                  "the CPU runs fp32, or with int8 the image tower quantised to int8 in ONNX Runtime (about 2x the "
+                  "images/s; embeddings at cosine >= 0.99 to fp32, checked; a collection keeps the image precision it "
+                  "was made with)")
 WORKERS_HELP = "image decoding processes; 0 decodes in the main process (default: cores - 1, from 1 to 8)"

@@ -47,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--batch-size", type=int_at_least(1), default=256, metavar="N", help="images per encoder batch")
     g.add_argument("--workers", type=int_at_least(0), default=None, metavar="N", help=WORKERS_HELP)
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help=PRECISION_HELP)
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"], help=PRECISION_HELP)
     g.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
     g.add_argument("--flush-rows", type=int_at_least(1), default=4096, metavar="N",
                    help="images written to LanceDB per append (larger: fewer table fragments)")

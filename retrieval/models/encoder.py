@@ -132,22 +132,25 @@ def _checkpoint_file(path: Path) -> Path:
 
 
 RUNTIMES = ("torch", "onnx", "auto")
-# What ``auto`` runs in ONNX Runtime on the CPU, by what was measured there (2 cores, clipdex-world, fp32,
-# bench/runtime_speed.py): text 2.2 ms a query against PyTorch's 5.0 ms; images 0.90x PyTorch's throughput, so
-# PyTorch keeps the image tower.
-AUTO_ONNX_TOWERS = ("text",)
 
 
-def onnx_towers(runtime: str, *, device: str) -> tuple[str, ...]:
-    """The towers a ``--runtime`` choice runs in ONNX Runtime: none for ``torch``, both for ``onnx`` (which needs
-    the CPU), :data:`AUTO_ONNX_TOWERS` for ``auto`` on the CPU when ONNX Runtime is installed (none elsewhere)."""
+def onnx_towers(runtime: str, *, device: str, precision: str = "auto") -> tuple[str, ...]:
+    """The towers a ``--runtime`` choice loads in ONNX Runtime: none for ``torch``, both for ``onnx`` (which needs
+    the CPU) and for ``auto`` on the CPU when ONNX Runtime is installed (none elsewhere; :class:`DualEncoder` then
+    keeps the image tower in PyTorch where that measured faster). ``precision`` ``int8`` (CPU, ``onnx`` or
+    ``auto``): the text tower and the int8 image tower."""
     from clipdex.retrieval.models import onnx_runtime
 
     device = str(device)
     if runtime not in RUNTIMES:
         raise ModelSpecError(f"runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if precision == "int8":
+        if runtime == "torch" or device != "cpu" or not onnx_runtime.available():
+            raise ModelSpecError("--precision int8 runs the image tower in ONNX Runtime on the CPU: use it with "
+                                 f"--runtime auto or onnx and --device cpu (got runtime {runtime}, device {device})")
+        return ("text", onnx_runtime.INT8_IMAGE)
     if runtime == "auto":
-        return AUTO_ONNX_TOWERS if device == "cpu" and onnx_runtime.available() else ()
+        return onnx_runtime.TOWERS if device == "cpu" and onnx_runtime.available() else ()
     if runtime == "onnx" and device != "cpu":
         raise ModelSpecError(f"--runtime onnx runs on the CPU; the device is {device} (use --runtime torch there)")
     return onnx_runtime.TOWERS if runtime == "onnx" else ()
@@ -158,9 +161,10 @@ class DualEncoder:
 
     ``runtime``: ``torch`` runs the towers in PyTorch; ``onnx`` in ONNX Runtime from an export of these weights
     (:mod:`clipdex.retrieval.models.onnx_runtime`: made once, cached, checked against PyTorch fp32);
-    ``auto`` runs :data:`AUTO_ONNX_TOWERS` (the text tower) in ONNX Runtime on the CPU when it is installed, the
-    rest in PyTorch (which then makes the text export a cold search runs without PyTorch). The matcher's token
-    features (:meth:`text_query`, :meth:`text_states`) always come from PyTorch."""
+    ``auto`` runs the text tower in ONNX Runtime on the CPU when it is installed (which makes the text export a cold
+    search runs without PyTorch), and the image tower in whichever of ONNX Runtime and PyTorch measured faster on
+    this machine (:func:`~clipdex.retrieval.models.onnx_runtime.faster_image_runtime`, once per machine); on a GPU,
+    PyTorch. The matcher's token features (:meth:`text_query`, :meth:`text_states`) always come from PyTorch."""
 
     def __init__(self, loaded: LoadedModel, *, device: str = "auto", precision: str = "auto", runtime: str = "torch"):
         self.device = resolve_device(device)
@@ -183,13 +187,26 @@ class DualEncoder:
             std=tuple(float(x) for x in cfg.get("std", ())),
             weights=weights_fingerprint(self.model),
         )
-        towers = onnx_towers(runtime, device=self.device)
-        self.runtime = {(): "torch", ("text",): "onnx text, torch images"}.get(towers, "onnx")
+        towers = onnx_towers(runtime, device=self.device, precision=precision)
         self.onnx = None
         if towers:
-            from clipdex.retrieval.models.onnx_runtime import load_towers
+            from clipdex.retrieval.models.onnx_runtime import faster_image_runtime, load_towers
 
             self.onnx = load_towers(self, threads=torch.get_num_threads(), towers=towers)
+            if runtime == "auto" and precision != "int8" and faster_image_runtime(self, self.onnx) == "torch":
+                self.onnx.image = None  # PyTorch measured faster for images on this machine
+        if self.onnx is None:
+            self.runtime = "torch"
+        elif self.onnx.image is None:
+            self.runtime = "onnx text, torch images"
+        else:
+            self.runtime = "onnx, int8 images" if precision == "int8" else "onnx"
+
+    @property
+    def image_precision(self) -> str:
+        """What the image tower computes in: int8 (the quantised ONNX export) or fp32 (PyTorch on the CPU or an fp32
+        export; a GPU's bf16 autocast counts as fp32 here: within 1e-2 of it, as the fp32 export is)."""
+        return "int8" if self.runtime == "onnx, int8 images" else "fp32"
 
     @property
     def context_length(self) -> int:

@@ -50,9 +50,11 @@ from clipdex.files import atomic_write
 logger = logging.getLogger(__name__)
 
 MIN_COSINE_FP32 = 0.9999  # an fp32 export must give the same embeddings as PyTorch, to float error
+MIN_COSINE_INT8 = 0.99  # an int8 image tower: each probe image's embedding at least this close to PyTorch fp32's
 OPSET = 18  # what torch's dynamo exporter writes
 FORMAT = 2  # of export.json: 2 records each tower on its own (1, one record for both, is exported again)
 TOWERS = ("text", "image")
+INT8_IMAGE = "image-int8"  # the image tower with int8 weights (dynamic quantisation of the fp32 export)
 PROBE_CAPTIONS = ("a red circle left of a blue star", "two small green squares", "a photo",
                   "a large yellow hexagon with stripes in the top right corner of a gray noisy background, "
                   "beside a small purple triangle")
@@ -319,6 +321,11 @@ def _export_tower(encoder, folder: Path, tower: str) -> dict:
             record = {"file": "text.onnx", "trimmed": trimmed, "tokenizer": _bpe_tokenizer_record(encoder)}
             if record["tokenizer"]:
                 shutil.copyfile(open_clip_merges_file(), tmp / MERGES_FILE)
+        elif tower == INT8_IMAGE:
+            _quantize(folder / "image.onnx", tmp / "image-int8.onnx")
+            record = {"file": "image-int8.onnx", "grid": encoder.has_grid, "precision": "int8",
+                      "quantization": "dynamic: int8 weights per channel, activations quantised per batch at run time "
+                                      "(onnxruntime.quantization.quantize_dynamic)"}
         else:
             size = encoder.info.image_size
             pixels = torch.zeros((3, 3, size, size))  # batch 3, not 1 or 2, which the exporter takes for a constant
@@ -332,6 +339,22 @@ def _export_tower(encoder, folder: Path, tower: str) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
     record["export_seconds"] = round(time.perf_counter() - t0, 2)
     return record
+
+
+def _quantize(fp32: Path, out: Path) -> None:
+    """``fp32``'s weights as int8 (per output channel), activations quantised at run time: the form that needs no
+    calibration set and speeds up the image tower's matrix products on a CPU (bench/runtime_speed.py)."""
+    import logging as _logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quiet = _logging.getLogger()  # the quantiser logs a warning per graph about pre-processing
+    level = quiet.level
+    quiet.setLevel(_logging.ERROR)
+    try:
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        quiet.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -402,19 +425,66 @@ def _open(encoder, folder: Path, record: dict, towers: tuple[str, ...], *, threa
     """Sessions of ``towers`` from ``folder``, each checked against PyTorch fp32; the fidelity (and the text
     probe) go into ``record``. Raises RuntimeChoiceError naming the tower that falls short."""
     t = record["towers"]
-    out = OnnxTowers(folder, None, None, bool(t.get("text", {}).get("trimmed")), bool(t.get("image", {}).get("grid")),
+    image = next((x for x in towers if x != "text"), "image")
+    out = OnnxTowers(folder, None, None, bool(t.get("text", {}).get("trimmed")), bool(t.get(image, {}).get("grid")),
                      record)
     for tower in towers:
-        setattr(out, tower, _session(folder / t[tower]["file"], threads=threads))
+        session = _session(folder / t[tower]["file"], threads=threads)
         if tower == "text":
+            out.text = session
             t["text"]["fidelity"], t["text"]["probe"] = _text_fidelity(encoder, out)
         else:
-            t["image"]["fidelity"] = _image_fidelity(encoder, out)
-        cos = t[tower]["fidelity"]["min_cosine"]
-        if cos < MIN_COSINE_FP32:
+            out.image = session
+            t[tower]["fidelity"] = _image_fidelity(encoder, out)
+        cos, need = t[tower]["fidelity"]["min_cosine"], MIN_COSINE_INT8 if tower == INT8_IMAGE else MIN_COSINE_FP32
+        if cos < need:
             raise RuntimeChoiceError(f"the ONNX export of {encoder.info.spec}'s {tower} tower gives embeddings at "
-                                     f"cosine {cos:.6f} to PyTorch's (at least {MIN_COSINE_FP32} needed)")
+                                     f"cosine {cos:.6f} to PyTorch's (at least {need} needed)")
     return out
+
+
+def faster_image_runtime(encoder, towers: OnnxTowers) -> str:
+    """``onnx`` or ``torch``: which ran ``encoder``'s image tower faster on this machine (a batch of 32 probe images,
+    best of 3 after a warm-up, the grid path when the tower has one, at this process's thread count). Measured once
+    per machine and thread count and kept in the export record (``auto_image``): the answer differs between CPUs
+    (clipdex-world on two 2-core machines: ONNX Runtime 0.90x and 1.64x PyTorch)."""
+    import platform
+
+    import torch
+
+    from clipdex.retrieval.models.encoder import image_tokens
+
+    machine = f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    folder = towers.folder
+    known = (read_record(folder, encoder.info) or {}).get("auto_image", {})
+    if known.get("machine") == machine:
+        return known["choice"]
+    size = encoder.info.image_size
+    pixels = torch.from_numpy(np.random.default_rng(1).standard_normal((32, 3, size, size), dtype=np.float32))
+
+    def best(run) -> float:
+        run()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        model = encoder.model
+        torch_s = best(lambda: image_tokens(model, pixels) if towers.grid else model.encode_image(pixels))
+    onnx_s = best(lambda: towers.encode_image(pixels.numpy()))
+    choice = "onnx" if onnx_s < torch_s else "torch"
+    with _export_lock(folder):
+        record = read_record(folder, encoder.info)
+        if record is not None:
+            record["auto_image"] = {"machine": machine, "choice": choice, "torch_s": round(torch_s, 5),
+                                    "onnx_s": round(onnx_s, 5), "batch": 32}
+            _write_record(folder, record)
+    logger.info("image tower on this machine: PyTorch %.1f ms, ONNX Runtime %.1f ms a batch of 32: %s", torch_s * 1e3,
+                onnx_s * 1e3, choice)
+    return choice
 
 
 def load_towers(encoder, *, threads: int = 0, towers: tuple[str, ...] = TOWERS) -> OnnxTowers:
@@ -434,7 +504,7 @@ def load_towers(encoder, *, threads: int = 0, towers: tuple[str, ...] = TOWERS) 
             shutil.rmtree(folder, ignore_errors=True)
     with _export_lock(folder):
         record = read_record(folder, encoder.info) or _new_record(encoder)  # another process may have made it
-        for tower in towers:
+        for tower in (("image", *towers) if INT8_IMAGE in towers else towers):  # int8 is quantised from fp32
             if tower in record["towers"]:
                 continue
             logger.info("exporting %s's %s tower to ONNX in %s (once for these weights)", encoder.info.spec, tower,
@@ -455,5 +525,5 @@ def load_towers(encoder, *, threads: int = 0, towers: tuple[str, ...] = TOWERS) 
         return opened
 
 
-__all__ = ["FORMAT", "MIN_COSINE_FP32", "ExportedTextEncoder", "OnnxTowers", "available", "cache_root",
+__all__ = ["FORMAT", "INT8_IMAGE", "MIN_COSINE_FP32", "MIN_COSINE_INT8", "ExportedTextEncoder", "OnnxTowers", "available", "cache_root", "faster_image_runtime",
            "export_folder", "load_text_encoder", "load_towers", "open_clip_merges_file", "read_record"]

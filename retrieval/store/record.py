@@ -34,6 +34,7 @@ from clipdex.retrieval.store.schema import (
     ENCODER_KEY,
     FILTER_COLUMNS,
     GRID_KEY,
+    IMAGE_PRECISION_KEY,
     TABLES,
     captions_schema,
     check_grid_layout,
@@ -118,17 +119,19 @@ class Database:
             raise StoreError(f"no collection {name!r} in {self.path} (collections: {have})")
         return Collection(self, name)
 
-    def open_or_create(self, name: str, *, info: "EncoderInfo", grid: dict | None = None) -> "Collection":
-        """Open ``name``, refusing another encoder, or create it for ``info``; ``grid`` (a layout, see
-        :func:`check_grid_layout`): a new collection stores each image's patch-token grid too. An existing
-        collection keeps the columns it was made with (one made without grids stays without)."""
+    def open_or_create(self, name: str, *, info: "EncoderInfo", grid: dict | None = None,
+                       image_precision: str = "fp32") -> "Collection":
+        """Open ``name``, refusing another encoder (or image precision), or create it for ``info``; ``grid`` (a
+        layout, see :func:`check_grid_layout`): a new collection stores each image's patch-token grid too. An
+        existing collection keeps the columns it was made with (one made without grids stays without)."""
         check_name(name)
         if name in self.collections():
             col = Collection(self, name)
-            col.check_encoder(info, action="append to")
+            col.check_encoder(info, action="append to", image_precision=image_precision)
             return col
         self.db.create_table(f"{name}__captions", schema=captions_schema(info), exist_ok=True)
-        self.db.create_table(f"{name}__images", schema=images_schema(info, grid=grid), exist_ok=True)
+        self.db.create_table(f"{name}__images", schema=images_schema(info, grid=grid, image_precision=image_precision),
+                             exist_ok=True)
         return Collection(self, name)
 
 
@@ -208,8 +211,19 @@ class Collection:
         d = json.loads(meta[ENCODER_KEY])
         return EncoderInfo(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
 
-    def check_encoder(self, info: "EncoderInfo", *, action: str = "query") -> None:
-        """Refuse ``info`` unless it is the encoder that filled this collection."""
+    def image_precision(self) -> str:
+        """The precision of the image tower that embedded the images: fp32 or int8 (see schema.IMAGE_PRECISION_KEY)."""
+        meta = self._head("images").schema.metadata or {}
+        return meta.get(IMAGE_PRECISION_KEY, b"fp32").decode()
+
+    def check_encoder(self, info: "EncoderInfo", *, action: str = "query", image_precision: str | None = None) -> None:
+        """Refuse ``info`` unless it is the encoder that filled this collection; with ``image_precision`` (an
+        append), refuse an image tower of another precision too: int8 and fp32 vectors are not mixed."""
+        if image_precision is not None and image_precision != self.image_precision():
+            raise ModelMismatchError(
+                f"cannot {action} collection {self.name!r} with {image_precision} image embeddings: its images were "
+                f"embedded by a {self.image_precision()} image tower, and the two are not mixed in one collection. "
+                f"Use --precision {'int8' if self.image_precision() == 'int8' else 'auto'} or another --collection.")
         have = self.encoder_info()
         given = info.as_dict()
         diff = {k: (v, given[k]) for k, v in have.as_dict().items()

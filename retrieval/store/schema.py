@@ -34,6 +34,10 @@ if TYPE_CHECKING:  # the encoder module imports torch; the store does not need i
 ENCODER_KEY = b"clipdex.encoder"
 STORE_VERSION_KEY = b"clipdex.store_version"
 GRID_KEY = b"clipdex.grid"  # images-table metadata: the layout of the ``grid`` column (absent: no grids)
+# images-table metadata: the precision of the image tower that embedded the images, fp32 (PyTorch or an fp32 ONNX
+# export: the same vectors to 1e-4) or int8 (absent: fp32, collections made before int8); an append is held to it
+IMAGE_PRECISION_KEY = b"clipdex.image_precision"
+IMAGE_PRECISIONS = ("fp32", "int8")
 STORE_VERSION = b"1"
 GRID_DTYPE = "float16"
 TABLES = ("images", "captions")
@@ -42,11 +46,15 @@ FILTER_COLUMNS = ("id", "path", "source", "content_hash", "size", "mtime", "widt
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 
-def images_schema(info: "EncoderInfo", *, grid: dict | None = None) -> pa.Schema:
+def images_schema(info: "EncoderInfo", *, grid: dict | None = None, image_precision: str = "fp32") -> pa.Schema:
     """The images table: one row per indexed file; with a ``grid`` layout (:func:`check_grid_layout`), a
-    ``grid`` column of each image's patch-token grid as raw float16 bytes."""
+    ``grid`` column of each image's patch-token grid as raw float16 bytes; ``image_precision`` (one of
+    :data:`IMAGE_PRECISIONS`) in the metadata."""
     grid = check_grid_layout(grid) if grid is not None else None
-    meta = _metadata(info) | ({GRID_KEY: json.dumps(grid, sort_keys=True).encode()} if grid else {})
+    if image_precision not in IMAGE_PRECISIONS:
+        raise StoreError(f"image precision {image_precision!r}: use one of {', '.join(IMAGE_PRECISIONS)}")
+    meta = (_metadata(info) | ({GRID_KEY: json.dumps(grid, sort_keys=True).encode()} if grid else {})
+            | {IMAGE_PRECISION_KEY: image_precision.encode()})
     grid_field = [pa.field("grid", pa.binary(), nullable=False)] if grid else []  # cells * width * 2 bytes
     return pa.schema([
         pa.field("id", pa.string(), nullable=False),  # absolute path (folders) or the manifest's id
