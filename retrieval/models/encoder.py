@@ -192,15 +192,32 @@ class DualEncoder:
         if towers:
             from clipdex.retrieval.models.onnx_runtime import faster_image_runtime, load_towers
 
-            self.onnx = load_towers(self, threads=torch.get_num_threads(), towers=towers)
-            if runtime == "auto" and precision != "int8" and faster_image_runtime(self, self.onnx) == "torch":
-                self.onnx.image = None  # PyTorch measured faster for images on this machine
+            if runtime == "auto" and precision != "int8":
+                self.onnx = self._auto_towers(towers)
+                if self.onnx is not None and self.onnx.image is not None and faster_image_runtime(self, self.onnx) == "torch":
+                    self.onnx.image = None  # PyTorch measured faster for images on this machine
+            else:
+                self.onnx = load_towers(self, threads=torch.get_num_threads(), towers=towers)
         if self.onnx is None:
             self.runtime = "torch"
         elif self.onnx.image is None:
             self.runtime = "onnx text, torch images"
         else:
             self.runtime = "onnx, int8 images" if precision == "int8" else "onnx"
+
+    def _auto_towers(self, towers: tuple[str, ...]):
+        """``--runtime auto``'s ONNX towers: ``towers``, else the text tower alone, else none (PyTorch), with a
+        warning naming what could not be exported or checked: auto never fails where PyTorch runs."""
+        from clipdex.exceptions import ClipdexError
+        from clipdex.retrieval.models.onnx_runtime import load_towers
+
+        for attempt in (towers, ("text",)):
+            try:
+                return load_towers(self, threads=torch.get_num_threads(), towers=attempt)
+            except ClipdexError as e:
+                logger.warning("--runtime auto: %s; running %s in PyTorch", e,
+                               "the image tower" if attempt == towers and len(towers) > 1 else "both towers")
+        return None
 
     @property
     def image_precision(self) -> str:
