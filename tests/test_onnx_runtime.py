@@ -155,18 +155,18 @@ def test_runtime_choice():
 
 
 def test_auto_falls_back_to_pytorch_for_a_tower_that_cannot_be_exported(tmp_path, monkeypatch, caplog):
-    from clipdex.retrieval.models import onnx_runtime
+    from clipdex.retrieval.models import onnx_export
     from clipdex.retrieval.models.encoder import load_encoder
 
     monkeypatch.setenv("CLIPDEX_CACHE", str(tmp_path))
-    real = onnx_runtime._export_tower
+    real = onnx_export._export_tower
 
     def no_image(encoder, folder, tower):
         if tower == "image":
             raise RuntimeError("this exporter cannot write the image tower")
         return real(encoder, folder, tower)
 
-    monkeypatch.setattr(onnx_runtime, "_export_tower", no_image)
+    monkeypatch.setattr(onnx_export, "_export_tower", no_image)
     enc = load_encoder("clipdex-tiny:random", device="cpu", runtime="auto")
     assert enc.runtime == "onnx text, torch images" and "cannot write the image tower" in caplog.text
     with pytest.raises(Exception, match="cannot export"):  # asked for by name: an error, not a fallback

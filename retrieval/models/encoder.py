@@ -163,7 +163,7 @@ class DualEncoder:
     (:mod:`clipdex.retrieval.models.onnx_runtime`: made once, cached, checked against PyTorch fp32);
     ``auto`` runs the text tower in ONNX Runtime on the CPU when it is installed (which makes the text export a cold
     search runs without PyTorch), and the image tower in whichever of ONNX Runtime and PyTorch measured faster on
-    this machine (:func:`~clipdex.retrieval.models.onnx_runtime.faster_image_runtime`, once per machine); on a GPU,
+    this machine (:func:`~clipdex.retrieval.models.onnx_export.faster_image_runtime`, once per machine); on a GPU,
     PyTorch. The matcher's token features (:meth:`text_query`, :meth:`text_states`) always come from PyTorch."""
 
     def __init__(self, loaded: LoadedModel, *, device: str = "auto", precision: str = "auto", runtime: str = "torch"):
@@ -190,7 +190,7 @@ class DualEncoder:
         towers = onnx_towers(runtime, device=self.device, precision=precision)
         self.onnx = None
         if towers:
-            from clipdex.retrieval.models.onnx_runtime import faster_image_runtime, load_towers
+            from clipdex.retrieval.models.onnx_export import faster_image_runtime, load_towers
 
             if runtime == "auto" and precision != "int8":
                 self.onnx = self._auto_towers(towers)
@@ -209,7 +209,7 @@ class DualEncoder:
         """``--runtime auto``'s ONNX towers: ``towers``, else the text tower alone, else none (PyTorch), with a
         warning naming what could not be exported or checked: auto never fails where PyTorch runs."""
         from clipdex.exceptions import ClipdexError
-        from clipdex.retrieval.models.onnx_runtime import load_towers
+        from clipdex.retrieval.models.onnx_export import load_towers
 
         for attempt in (towers, ("text",)):
             try:
