@@ -21,7 +21,6 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,12 +29,13 @@ import numpy as np
 import pyarrow as pa
 
 from clipdex.exceptions import CorruptStoreError, ModelMismatchError, StoreError
+from clipdex.retrieval.store.filters import IN_LIST, chunks, filter_errors, sql_in, sql_quote
 from clipdex.retrieval.store.schema import (
     ENCODER_KEY,
-    FILTER_COLUMNS,
     GRID_KEY,
     IMAGE_PRECISION_KEY,
     TABLES,
+    ExistingRow,
     captions_schema,
     check_grid_layout,
     check_name,
@@ -54,30 +54,7 @@ warnings.filterwarnings("ignore", message="lance is not fork-safe", category=Use
 
 DEFAULT_DB = "clipdex-data/db"
 DEFAULT_COLLECTION = "default"
-_IN_LIST = 500  # values per SQL ``IN (...)`` list: queries by many ids go in chunks of this size
 _REWRITTEN_FILES = frozenset({"latest_version_hint.json", "_latest.manifest"})  # LanceDB's mutable files
-
-
-def sql_quote(value: str) -> str:
-    """A string literal for a LanceDB filter."""
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def sql_in(column: str, values) -> str:
-    """``column IN ('a', 'b')``."""
-    return f"{column} IN ({', '.join(sql_quote(v) for v in values)})"
-
-
-@dataclass(frozen=True)
-class ExistingRow:
-    """What the store knows of an indexed file, to decide whether it changed."""
-
-    id: str
-    path: str
-    content_hash: str
-    size: int
-    mtime: float
-    captions: tuple[str, ...]
 
 
 class Database:
@@ -298,7 +275,7 @@ class Collection:
             return query.select(["id"]).limit(None).to_arrow()
 
         with self._reading(table, "read the ids of"):
-            return _filter_errors(where, run)["id"].to_pylist()
+            return filter_errors(where, run)["id"].to_pylist()
 
     def rows(self, ids: list[str] | None = None, *, columns: tuple[str, ...] | list[str],
              table: str = "images") -> pa.Table:
@@ -309,7 +286,7 @@ class Collection:
             if ids is None:
                 return t.search().select(cols).limit(None).to_arrow()
             parts = [t.search().where(sql_in("id", chunk)).select(cols).limit(None).to_arrow()
-                     for chunk in _chunks(list(ids), _IN_LIST)]
+                     for chunk in chunks(list(ids), IN_LIST)]
             return pa.concat_tables(parts) if parts else pa.schema([t.schema.field(c) for c in cols]).empty_table()
 
     def sources(self) -> list[str]:
@@ -340,7 +317,7 @@ class Collection:
             return query.select([*cols, "_distance"]).limit(k).to_arrow()
 
         with self._reading(table, "search"):
-            found = _filter_errors(where, run)
+            found = filter_errors(where, run)
         score = [1.0 - d for d in found["_distance"].to_pylist()]  # LanceDB's dot distance is 1 - similarity
         return found.select(cols).append_column(pa.field("score", pa.float64()), pa.array(score, pa.float64()))
 
@@ -403,7 +380,7 @@ class Collection:
 
     def delete_images(self, ids: list[str]) -> None:
         """Delete images and then their captions."""
-        for chunk in _chunks(ids, _IN_LIST):
+        for chunk in chunks(ids, IN_LIST):
             self._images.delete(sql_in("id", chunk))
             self._captions.delete(sql_in("image_id", chunk))
 
@@ -412,7 +389,7 @@ class Collection:
         image_ids = set(self.ids("images"))
         owners = self.rows(columns=["image_id"], table="captions")["image_id"].to_pylist()
         orphans = sorted(set(owners) - image_ids)
-        for chunk in _chunks(orphans, _IN_LIST):
+        for chunk in chunks(orphans, IN_LIST):
             self._captions.delete(sql_in("image_id", chunk))
         return sum(o not in image_ids for o in owners)
 
@@ -433,13 +410,13 @@ class Collection:
             with self._reading(table, "repair duplicate ids in"):
                 rows = pa.concat_tables([
                     t.search().where(sql_in("id", chunk)).with_row_id(True).select(["id"]).limit(None).to_arrow()
-                    for chunk in _chunks(sorted(dup), _IN_LIST)])
+                    for chunk in chunks(sorted(dup), IN_LIST)])
                 seen, extra = set(), []
                 for i, rowid in zip(rows["id"].to_pylist(), rows["_rowid"].to_pylist()):
                     if i in seen:
                         extra.append(rowid)
                     seen.add(i)
-                for chunk in _chunks(extra, 2000):  # a later copy of an id goes, by its row address
+                for chunk in chunks(extra, 2000):  # a later copy of an id goes, by its row address
                     t.delete(f"_rowid IN ({', '.join(str(r) for r in chunk)})")
         return removed
 
@@ -513,25 +490,3 @@ def write_fragments(uri: str, schema: pa.Schema, rows: pa.Table) -> list[str]:
     except (OSError, RuntimeError, ValueError) as e:
         raise StoreError(f"could not write data files into {uri} (disk full?): {e}") from e
     return [json.dumps(f.to_json()) for f in frags]
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def _is_io_error(e: Exception) -> bool:
-    """Whether LanceDB's error is about reading files (damage), not about the query."""
-    text = str(e)
-    return isinstance(e, OSError) or "LanceError(IO)" in text or "Not found:" in text or "Io {" in text
-
-
-def _filter_errors(where: str | None, run):
-    """``run()``, with LanceDB's report of a bad ``where`` (one of several error types) as a StoreError;
-    a failure to read the files is not the filter's fault and is raised as it is."""
-    try:
-        return run()
-    except Exception as e:  # noqa: BLE001 - LanceDB reports a bad filter as one of several error types
-        if not where or _is_io_error(e):
-            raise
-        raise StoreError(f"bad filter {where!r}: {e}. Columns you can filter on: {', '.join(FILTER_COLUMNS)}") from e

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -44,6 +45,18 @@ TABLES = ("images", "captions")
 # the images-table columns a ``where`` filter may use (what ``search --where`` documents and errors list)
 FILTER_COLUMNS = ("id", "path", "source", "content_hash", "size", "mtime", "width", "height")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class ExistingRow:
+    """What the store knows of an indexed file, to decide whether it changed."""
+
+    id: str
+    path: str
+    content_hash: str
+    size: int
+    mtime: float
+    captions: tuple[str, ...]
 
 
 def images_schema(info: "EncoderInfo", *, grid: dict | None = None, image_precision: str = "fp32") -> pa.Schema:

@@ -37,6 +37,7 @@ from clipdex.retrieval.store.faiss_index import (
     is_fresh,
     load_for,
 )
+from clipdex.retrieval.store.filters import glob_to_like
 from clipdex.retrieval.store.record import (
     DEFAULT_COLLECTION,
     Collection,
@@ -88,15 +89,6 @@ def _check_scores(hits: list[Hit], *, collection: Collection, table: str) -> Non
                 f"search of {collection.name}/{table} gave row {h.id!r} the score {h.score:.3g}, which no pair of "
                 f"unit vectors can have: the stored vectors (or the FAISS index) are damaged. Run clipdex check "
                 f"--db {collection.database.path} --collection {collection.name}")
-
-
-def glob_to_like(pattern: str) -> str:
-    """A shell glob on file paths as a SQL LIKE pattern; a relative glob matches at any depth."""
-    out = []
-    for ch in pattern:
-        out.append({"*": "%", "?": "_", "%": "\\%", "_": "\\_", "\\": "\\\\", "'": "''"}.get(ch, ch))
-    like = "".join(out)
-    return like if pattern.startswith(("/", "*")) else "%/" + like
 
 
 class SearchCollection:
