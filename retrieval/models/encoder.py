@@ -204,6 +204,9 @@ class DualEncoder:
             self.runtime = "onnx text, torch images"
         else:
             self.runtime = "onnx, int8 images" if precision == "int8" else "onnx"
+        # what the image tower computes in: int8 (the quantised export) or fp32 (PyTorch or an fp32 export; a GPU's
+        # bf16 autocast is counted with fp32, as before int8 existed): a collection holds vectors of one kind
+        self.image_precision = "int8" if precision == "int8" else "fp32"
 
     def _auto_towers(self, towers: tuple[str, ...]):
         """``--runtime auto``'s ONNX towers: ``towers``, else the text tower alone, else none (PyTorch), with a
@@ -218,12 +221,6 @@ class DualEncoder:
                 logger.warning("--runtime auto: %s; running %s in PyTorch", e,
                                "the image tower" if attempt == towers and len(towers) > 1 else "both towers")
         return None
-
-    @property
-    def image_precision(self) -> str:
-        """What the image tower computes in: int8 (the quantised ONNX export) or fp32 (PyTorch on the CPU or an fp32
-        export; a GPU's bf16 autocast counts as fp32 here: within 1e-2 of it, as the fp32 export is)."""
-        return "int8" if self.runtime == "onnx, int8 images" else "fp32"
 
     @property
     def context_length(self) -> int:
