@@ -171,3 +171,16 @@ def test_auto_falls_back_to_pytorch_for_a_tower_that_cannot_be_exported(tmp_path
     assert enc.runtime == "onnx text, torch images" and "cannot write the image tower" in caplog.text
     with pytest.raises(Exception, match="cannot export"):  # asked for by name: an error, not a fallback
         load_encoder("clipdex-tiny:random", device="cpu", runtime="onnx")
+
+
+def test_an_unwritable_export_cache_is_a_clear_error_and_auto_runs_pytorch(tmp_path, monkeypatch, caplog):
+    from clipdex.exceptions import RuntimeChoiceError
+    from clipdex.retrieval.models.encoder import load_encoder
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("CLIPDEX_CACHE", str(blocker))  # onnx/ cannot be made under a file
+    with pytest.raises(RuntimeChoiceError, match="cannot write the ONNX export cache .*CLIPDEX_CACHE"):
+        load_encoder("clipdex-tiny:random", device="cpu", runtime="onnx")
+    enc = load_encoder("clipdex-tiny:random", device="cpu", runtime="auto")
+    assert enc.runtime == "torch" and "cannot write the ONNX export cache" in caplog.text

@@ -308,12 +308,15 @@ def faster_image_runtime(encoder, towers: OnnxTowers) -> str:
         torch_s = best(lambda: image_tokens(model, pixels) if towers.grid else model.encode_image(pixels))
     onnx_s = best(lambda: towers.encode_image(pixels.numpy()))
     choice = "onnx" if onnx_s < torch_s else "torch"
-    with _export_lock(folder):
-        record = read_record(folder, encoder.info)
-        if record is not None:
-            record["auto_image"] = {"machine": machine, "choice": choice, "torch_s": round(torch_s, 5),
-                                    "onnx_s": round(onnx_s, 5), "batch": 32}
-            _write_record(folder, record)
+    try:
+        with _export_lock(folder):
+            record = read_record(folder, encoder.info)
+            if record is not None:
+                record["auto_image"] = {"machine": machine, "choice": choice, "torch_s": round(torch_s, 5),
+                                        "onnx_s": round(onnx_s, 5), "batch": 32}
+                _write_record(folder, record)
+    except OSError as e:  # not kept: measured again next time
+        logger.warning("could not record the image runtime choice in %s: %s", folder, e)
     logger.info("image tower on this machine: PyTorch %.1f ms, ONNX Runtime %.1f ms a batch of 32: %s", torch_s * 1e3,
                 onnx_s * 1e3, choice)
     return choice
@@ -334,6 +337,16 @@ def load_towers(encoder, *, threads: int = 0, towers: tuple[str, ...] = TOWERS) 
         except Exception as e:  # noqa: BLE001 - an unreadable or unfaithful export, whatever ONNX Runtime raised
             logger.warning("the cached ONNX export in %s is unusable (%s); exporting it again", folder, e)
             shutil.rmtree(folder, ignore_errors=True)
+    try:
+        return _export_missing(encoder, folder, towers, threads=threads)
+    except OSError as e:  # the cache folder cannot be made or written (read-only home, full disk)
+        raise RuntimeChoiceError(f"cannot write the ONNX export cache {folder} ({e.strerror or e}): set CLIPDEX_CACHE "
+                                 "to a writable folder, or use --runtime torch") from e
+
+
+def _export_missing(encoder, folder: Path, towers: tuple[str, ...], *, threads: int) -> OnnxTowers:
+    """Under the folder's export lock: export what of ``towers`` the record lacks, open and check them, and write
+    the record (the commit point)."""
     with _export_lock(folder):
         record = read_record(folder, encoder.info) or _new_record(encoder)  # another process may have made it
         for tower in (("image", *towers) if INT8_IMAGE in towers else towers):  # int8 is quantised from fp32
