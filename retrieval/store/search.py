@@ -129,10 +129,11 @@ class SearchCollection:
 
     @property
     def text_encoder(self):
-        """What embeds text queries: with runtime ``auto`` or ``onnx`` on the CPU and the collection's own model, a
-        cached export of its text tower that checks out (:func:`~clipdex.retrieval.models.onnx_runtime.load_text_encoder`;
-        ``clipdex index`` makes it), run with no PyTorch: a cold search then skips 3 s of imports. Otherwise
-        :attr:`encoder`."""
+        """What embeds text queries: with runtime ``auto`` or ``onnx``, device ``auto`` or ``cpu`` and the collection's
+        own model, a cached export of its text tower that checks out
+        (:func:`~clipdex.retrieval.models.onnx_runtime.load_text_encoder`; ``clipdex index`` makes it), run on the CPU
+        with no PyTorch, even where a GPU is (one query is a small batch; loading torch and CUDA costs seconds): a
+        cold search then skips 3 s of imports. Otherwise :attr:`encoder`."""
         if self._text_encoder is None:
             self._text_encoder = self._exported_text_encoder() or False
         return self._text_encoder or self.encoder
