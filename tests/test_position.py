@@ -4,6 +4,7 @@ CPU steps, and the counterfactual batches are what the trainer needs (groups tha
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +16,9 @@ from clipdex.retrieval.models.encoder import build_model, encode_text_trimmed
 from clipdex.retrieval.training.counterfactual import (
     CounterfactualBatches,
     CounterfactualConfig,
+    CurriculumBatches,
     layout_variants,
+    parse_curriculum,
 )
 
 RELATION = {"left of": True, "to the left of": True, "right of": False, "to the right of": False}
@@ -150,3 +153,22 @@ def test_satisfies_is_what_marks_a_caption_true_of_a_layout():
               {"type": "relation", "rel": "left_of", "a": 0, "b": 1},
               {"type": "background", "kind": "plain", "colour": "gray"}]
     assert satisfies(claims, scene) and not satisfies(claims, twin)
+
+
+def test_a_curriculum_changes_the_batches_at_its_stage_boundaries():
+    """lone:0.25,pairs:0.25,mixed:0.5 over 8 steps: steps 0-1 hold one object per scene and say cells, 2-3
+    mostly two objects, 4-7 the mix; a step's batch is the same however often it is drawn."""
+    loaded = build_model("clipdex-tiny:random", seed=0)
+    stages = parse_curriculum("lone:0.25,pairs:0.25,mixed:0.5")
+    data = CurriculumBatches(CounterfactualConfig(groups=4, variants=2, image_size=32, seed=1), stages,
+                             transform=loaded.preprocess, tokenizer=loaded.tokenizer, steps=8)
+    assert [data.names[data.stage(s)] for s in range(8)] == ["lone"] * 2 + ["pairs"] * 2 + ["mixed"] * 4
+    lone = data[1]
+    assert all(len(s.objects) == 1 for s in lone.scenes)
+    assert not any(w in t for t in lone.texts for w in (" left of", " right of", " above ", " below "))
+    assert max(len(s.objects) for s in data[2].scenes) <= 2
+    assert data[5].texts == data[5].texts and torch.equal(data[5].images, data[5].images)
+    assert parse_curriculum("") == ()
+    for bad in ("lone", "lone:x", "lone:0", "wild:1", "lone:0.5,mixed:0.6"):
+        with pytest.raises(ValueError):
+            parse_curriculum(bad)

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -173,11 +174,21 @@ def test_counterfactual_training_runs_and_reports_foils_by_kind(tiny_world, tmp_
     out = json.loads(run_cli("train", "--manifest", str(tiny_world), "--out", str(tmp_path), "--model",
                              "clipdex-tiny:random", "--counterfactual", "--batch-size", "16", "--variants", "4",
                              "--epochs", "2", "--epoch-steps", "2", "--eval-gallery", "50", "--workers", "1",
-                             "--warmup-steps", "1", "--json").stdout)
+                             "--warmup-steps", "1", "--curriculum", "lone:0.5,mixed:0.5", "--layout-weight", "1",
+                             "--json").stdout)
     assert out["steps"] == 4 and len(out["history"]) == 2
+    assert out["config"]["curriculum"] == "lone:0.5,mixed:0.5" and out["config"]["layout_weight"] == 1
     by_kind = out["final"]["foil"]["by_kind"]
     assert {"attribute", "spatial"} <= set(by_kind), by_kind
     assert by_kind["spatial"]["all"]["count"] == sum(v["count"] for k, v in by_kind["spatial"].items() if k != "all")
     bad = run_cli("train", "--manifest", str(tiny_world), "--out", str(tmp_path / "b"), "--model",
                   "clipdex-tiny:random", "--counterfactual", "--batch-size", "10", "--variants", "4", check=False)
     assert bad.returncode == 1 and "multiple of --variants" in bad.stderr, bad
+    for extra, said in ((["--counterfactual", "--curriculum", "lone:0.5,wild:0.5"], "'wild:0.5'.*lone, pairs, mixed"),
+                        (["--counterfactual", "--curriculum", "lone:0.5,mixed:0.4"], "sum to 0.9, not 1"),
+                        (["--counterfactual", "--curriculum", "lone:1", "--time-budget", "60"], "--max-steps"),
+                        (["--curriculum", "lone:1"], "add --counterfactual")):
+        bad = run_cli("train", "--manifest", str(tiny_world), "--out", str(tmp_path / "c"), "--model",
+                      "clipdex-tiny:random", "--batch-size", "16", *extra, check=False)
+        assert bad.returncode == 1 and re.search(said, bad.stderr), (extra, bad.stderr)
+    assert not (tmp_path / "c" / "last.safetensors").exists()

@@ -135,6 +135,13 @@ def _add_counterfactual_args(p: argparse.ArgumentParser) -> None:
                     help="layouts per group (--batch-size must be a multiple)")
     cf.add_argument("--epoch-steps", type=int_at_least(1), default=100, metavar="N",
                     help="steps between held-out evaluations and checkpoints")
+    cf.add_argument("--curriculum", default="", metavar="STAGES",
+                    help="stages of counterfactual batches with their shares of the steps, in order: lone (one "
+                    "object moved between cells: position alone tells a group apart), pairs (mostly two objects, "
+                    "relations and cell lists), mixed (1-4 objects, relation chains, some count captions), e.g. "
+                    "lone:0.2,pairs:0.25,mixed:0.55 (with --layout-weight, what breaks the position saddle from "
+                    "scratch; TRAINING.md); needs --max-steps or --epochs, not --time-budget (default: the "
+                    "built-in mix throughout)")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -214,7 +221,7 @@ def _train(args) -> int:
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
         hard_negatives=not args.no_hard_negatives, foil_weight=args.foil_weight,
         layout_weight=args.layout_weight, counterfactual=args.counterfactual, variants=args.variants,
-        epoch_steps=args.epoch_steps, eval_gallery=args.eval_gallery, seed=args.seed, device=args.device, precision=args.precision,
+        epoch_steps=args.epoch_steps, curriculum=args.curriculum, eval_gallery=args.eval_gallery, seed=args.seed, device=args.device, precision=args.precision,
         workers=args.workers, save_every=args.save_every, max_steps=args.max_steps, time_budget_s=args.time_budget,
         command="clipdex " + shlex.join(sys.argv[1:]) if sys.argv and "clipdex" in sys.argv[0] else "",
     )

@@ -34,7 +34,9 @@ from clipdex.retrieval.models.registry import get_model_config
 from clipdex.retrieval.training.counterfactual import (
     CounterfactualBatches,
     CounterfactualConfig,
+    CurriculumBatches,
     TrainingBatch,
+    parse_curriculum,
 )
 from clipdex.retrieval.training.data import (
     CaptionedImages,
@@ -77,6 +79,8 @@ class TrainConfig:
     # then only the held-out set); see retrieval/training/counterfactual.py
     variants: int = 4  # counterfactual: layouts per group (batch_size / variants groups per batch)
     epoch_steps: int = 100  # counterfactual: steps between held-out evaluations (an "epoch" of fresh scenes)
+    curriculum: str = ""  # counterfactual: stages of counterfactual.STAGES with their shares of the steps,
+    # "lone:0.2,pairs:0.25,mixed:0.55"; "" = the default mix throughout
     eval_gallery: int = 1000
     seed: int = 0
     device: str = "auto"
@@ -309,6 +313,18 @@ class _TimeBudget:
         return total
 
 
+def _curriculum(config: TrainConfig) -> tuple[tuple[str, float], ...]:
+    """The run's curriculum stages, checked against the rest of its config."""
+    try:
+        stages = parse_curriculum(config.curriculum)
+    except ValueError as e:
+        raise ClipdexError(f"--curriculum: {e}") from None
+    if stages and config.time_budget_s:
+        raise ClipdexError("--curriculum sets its stages from the run's step count, which --time-budget would change "
+                           "mid-run: give --max-steps (or --epochs x --epoch-steps) instead")
+    return stages
+
+
 def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) -> dict:
     """Run (or resume) training; returns the final record (also written to ``out_dir/train.json``)."""
     from tqdm.auto import tqdm
@@ -316,6 +332,8 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
     run = _Run(config, resume=resume)
     state = run.state
     workers = default_workers() if config.workers is None else config.workers
+    if config.curriculum and not config.counterfactual:
+        raise ClipdexError("--curriculum stages counterfactual batches: add --counterfactual")
     if config.counterfactual:
         if config.batch_size % config.variants:
             raise ClipdexError(f"--batch-size {config.batch_size} is not a multiple of --variants {config.variants}")
@@ -323,8 +341,10 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
         total = min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
         cf = CounterfactualConfig(groups=config.batch_size // config.variants, variants=config.variants,
                                   seed=config.seed)
-        dataset = CounterfactualBatches(cf, transform=run.loaded.preprocess_train, tokenizer=run.loaded.tokenizer,
-                                        steps=total, hard_negatives=config.hard_negatives)
+        stages = _curriculum(config)
+        common = {"transform": run.loaded.preprocess_train, "tokenizer": run.loaded.tokenizer, "steps": total,
+                  "hard_negatives": config.hard_negatives}
+        dataset = CurriculumBatches(cf, stages, **common) if stages else CounterfactualBatches(cf, **common)
         workers = max(1, workers)  # rendering runs beside the model, not before each step
     else:
         dataset = CaptionedImages(run.pairs, run.loaded.preprocess_train, seed=config.seed,

@@ -18,7 +18,7 @@ pairs are marked in ``also_true`` and left out of the loss's negatives
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -142,6 +142,65 @@ class CounterfactualBatches(torch.utils.data.Dataset):
             also_true=also_true, texts=texts, foil_kinds=foil_kinds,
             objects=[s.to_attributes()["objects"] for s in scenes], claims=claims, group=group, scenes=scenes)
 
+
+
+# Curriculum stages: what a stage changes in the batches' config. ``lone``: one object in other cells, so
+# position is the only thing a group's captions differ in and no binding is needed; ``pairs``: mostly two
+# objects, half the captions relations, half cell lists (which object is where); ``mixed``: 1-4 objects,
+# mostly relation chains, some captions in the world's "count" form (what retrieval is measured on).
+STAGES: dict[str, dict] = {
+    "lone": {"object_probs": (1.0, 0.0, 0.0, 0.0), "relation_prob": 0.0, "count_prob": 0.0},
+    "pairs": {"object_probs": (0.3, 0.7, 0.0, 0.0), "relation_prob": 0.5, "count_prob": 0.0},
+    "mixed": {"object_probs": (0.15, 0.45, 0.25, 0.15), "relation_prob": 0.7, "count_prob": 0.2},
+}
+
+
+def parse_curriculum(text: str) -> tuple[tuple[str, float], ...]:
+    """``"lone:0.2,pairs:0.25,mixed:0.55"`` -> ((stage, share of the steps), ...); the shares must sum to 1.
+    An empty text is no curriculum (the batches' own config for every step)."""
+    if not text.strip():
+        return ()
+    out = []
+    for part in text.split(","):
+        name, sep, share = part.strip().partition(":")
+        if name not in STAGES or not sep:
+            raise ValueError(f"curriculum stage {part.strip()!r}: expected NAME:SHARE with NAME one of "
+                             f"{', '.join(STAGES)} (for example lone:0.2,pairs:0.25,mixed:0.55)")
+        try:
+            value = float(share)
+        except ValueError:
+            raise ValueError(f"curriculum stage {part.strip()!r}: {share!r} is not a number") from None
+        if not 0 < value <= 1:
+            raise ValueError(f"curriculum stage {part.strip()!r}: the share must be in (0, 1]")
+        out.append((name, value))
+    if abs(sum(v for _, v in out) - 1) > 1e-6:
+        raise ValueError(f"curriculum {text!r}: the shares sum to {sum(v for _, v in out):g}, not 1")
+    return tuple(out)
+
+
+class CurriculumBatches(torch.utils.data.Dataset):
+    """Counterfactual batches whose config changes with the step: ``stages`` ((name, share), ...) of
+    :data:`STAGES` in order, each for its share of ``steps``. Item ``step`` is still a function of (seed,
+    step) only, so a resumed run sees the batches an uninterrupted one would."""
+
+    def __init__(self, config: CounterfactualConfig, stages: tuple[tuple[str, float], ...], *,
+                 transform: Callable, tokenizer: Callable, steps: int, hard_negatives: bool = True):
+        self.steps, self.epoch = steps, 0
+        self.stages = [CounterfactualBatches(replace(config, **STAGES[name]), transform=transform,
+                                             tokenizer=tokenizer, steps=steps, hard_negatives=hard_negatives)
+                       for name, _ in stages]
+        self.names = [name for name, _ in stages]
+        self.ends = np.cumsum([share for _, share in stages]) * steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def stage(self, step: int) -> int:
+        """The index of the stage ``step`` belongs to."""
+        return min(int(np.searchsorted(self.ends, step, side="right")), len(self.stages) - 1)
+
+    def __getitem__(self, step: int) -> CounterfactualBatch:
+        return self.stages[self.stage(step)][step]
 
 
 class TrainingBatch:
