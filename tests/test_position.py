@@ -172,3 +172,29 @@ def test_a_curriculum_changes_the_batches_at_its_stage_boundaries():
     for bad in ("lone", "lone:x", "lone:0", "wild:1", "lone:0.5,mixed:0.6"):
         with pytest.raises(ValueError):
             parse_curriculum(bad)
+
+
+def test_the_shipped_spatial_model_reads_where_things_are():
+    """clipdex-spatial: "left of" and "right of" embed apart, and a held-out two-object scene is matched to
+    the caption that says its relation the right way round, not the converse (clipdex-world is at chance)."""
+    from clipdex.data_manifests.world.captions import make_captions
+    from clipdex.data_manifests.world.scene import sample_layout
+    from clipdex.retrieval.models.encoder import load_encoder
+
+    enc = load_encoder("clipdex-spatial", device="cpu", runtime="torch")
+    t = enc.encode_texts(["a red circle left of a blue star", "a red circle right of a blue star"])
+    assert float(t[0] @ t[1]) < 0.9
+    rng = np.random.default_rng(12345)
+    images, captions, foils = [], [], []
+    while len(images) < 40:
+        scene = place(sample_layout(rng, n_objects=2), rng)
+        cap = make_captions(scene, rng, n=1, forms=["relation"])[0]
+        foil = [text for kind, text, _ in cap.foils if kind == "relation"]
+        if not foil or any(w in cap.text for w in ("larger", "bigger", "smaller")):
+            continue
+        images.append(render_scene(scene, size=128, rng=rng))
+        captions.append(cap.text)
+        foils.append(foil[0])
+    img, cap, foil = enc.encode_images(images), enc.encode_texts(captions), enc.encode_texts(foils)
+    right = ((img * cap).sum(1) > (img * foil).sum(1)).mean()
+    assert right >= 0.85, right
