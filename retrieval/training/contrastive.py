@@ -329,11 +329,12 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
     """Run (or resume) training; returns the final record (also written to ``out_dir/train.json``)."""
     from tqdm.auto import tqdm
 
+    if config.curriculum and not config.counterfactual:
+        raise ClipdexError("--curriculum stages counterfactual batches: add --counterfactual")
+    stages = _curriculum(config)  # checked before anything is built or written
     run = _Run(config, resume=resume)
     state = run.state
     workers = default_workers() if config.workers is None else config.workers
-    if config.curriculum and not config.counterfactual:
-        raise ClipdexError("--curriculum stages counterfactual batches: add --counterfactual")
     if config.counterfactual:
         if config.batch_size % config.variants:
             raise ClipdexError(f"--batch-size {config.batch_size} is not a multiple of --variants {config.variants}")
@@ -341,7 +342,6 @@ def train(config: TrainConfig, *, resume: bool = True, progress: bool = True) ->
         total = min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
         cf = CounterfactualConfig(groups=config.batch_size // config.variants, variants=config.variants,
                                   seed=config.seed)
-        stages = _curriculum(config)
         common = {"transform": run.loaded.preprocess_train, "tokenizer": run.loaded.tokenizer, "steps": total,
                   "hard_negatives": config.hard_negatives}
         dataset = CurriculumBatches(cf, stages, **common) if stages else CounterfactualBatches(cf, **common)
