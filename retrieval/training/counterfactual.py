@@ -143,7 +143,6 @@ class CounterfactualBatches(torch.utils.data.Dataset):
             objects=[s.to_attributes()["objects"] for s in scenes], claims=claims, group=group, scenes=scenes)
 
 
-
 # Curriculum stages: what a stage changes in the batches' config. ``lone``: one object in other cells, so
 # position is the only thing a group's captions differ in and no binding is needed; ``pairs``: mostly two
 # objects, half the captions relations, half cell lists (which object is where); ``mixed``: 1-4 objects,
