@@ -15,6 +15,7 @@ the body (counted as it arrives, whatever Content-Length says) before any route 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -23,9 +24,10 @@ import json
 import logging
 import os
 from contextlib import asynccontextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -63,6 +65,22 @@ def error_status(e: Exception) -> int:
         if isinstance(e, cls):
             return status
     return 400  # InputError and every other ClipdexError: what the request asked for cannot be done
+
+
+def json_bytes(content: dict) -> bytes:
+    """``content`` as JSON, written as Starlette's JSONResponse writes it."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def json_response(content: bytes) -> Response:
+    """A 200 response of JSON already written (FastAPI then has nothing left to encode or check)."""
+    return Response(content, media_type="application/json")
+
+
+def image_url(base: str, collection: str, image_id: str) -> str:
+    """The URL of an image of ``collection`` at ``base`` (the request's base URL, ending in '/'): what
+    ``GET /images/{collection}/{image_id}`` answers; built as a string (a route lookup per hit cost more)."""
+    return f"{base}images/{quote(collection, safe='')}/{quote(image_id, safe='/')}"
 
 
 def error_response(status: int, message: str, **extra) -> JSONResponse:
@@ -270,14 +288,10 @@ def create_app(state: ServerState) -> FastAPI:
             return DEFAULT_COLLECTION
         raise InputError(f"collection: name one of {', '.join(names) or '(none served)'}")
 
-    def image_url(request: Request, collection: str, image_id: str, size: int | None = None) -> str:
-        url = str(request.url_for("image", collection=collection, image_id=image_id))
-        return url + (f"?size={size}" if size else "")
-
-    def with_urls(request: Request, collection: str, hit: dict) -> dict:
-        owner = hit.get("image_id") or hit["id"]
-        return hit | {"url": image_url(request, collection, owner),
-                      "thumbnail": image_url(request, collection, owner, 192)}
+    def with_urls(base: str, collection: str, hit: dict) -> dict:
+        """``hit`` with the URLs of its image and thumbnail; ``base`` is the request's base URL."""
+        url = image_url(base, collection, hit.get("image_id") or hit["id"])
+        return hit | {"url": url, "thumbnail": url + "?size=192"}
 
     def query_image(loaded, upload: bytes | None, image_id: str | None):
         if upload is not None:
@@ -311,11 +325,22 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/search", summary="text->image, image->image, image->text or vector search",
               openapi_extra=_body_doc(SearchRequest))
-    async def search(request: Request) -> dict:
+    async def search(request: Request) -> Response:
         body, upload = await read_body(request, SearchRequest, max_upload=settings.max_upload_bytes)
-        return await run_in_threadpool(_search, request, body, upload)
+        _check_search(body, upload)
+        name = collection_name(body.collection)
+        loaded = state.fresh_collection(name)
+        if body.text is not None and loaded is not None and not loaded.search.rerank_info(body.rerank).used:
+            # the plain text search, the common case: the batcher's worker embeds the text with the other
+            # queries waiting, searches FAISS and writes the JSON; this request needs no thread of its own
+            loaded.search.check_text(body.text)
+            base = str(request.base_url)
+            finish = partial(_text_results, base, loaded, body)
+            return json_response(await asyncio.wrap_future(
+                state.text_batcher.submit(loaded.search.encoder, body.text, then=finish)))
+        return json_response(await run_in_threadpool(_search, str(request.base_url), name, body, upload))
 
-    def _search(request: Request, body: SearchRequest, upload: bytes | None) -> dict:
+    def _check_search(body: SearchRequest, upload: bytes | None) -> None:
         given = [n for n, v in (("text", body.text), ("image", upload), ("image_id", body.image_id),
                                 ("vector", body.vector)) if v is not None]
         if len(given) != 1:
@@ -327,7 +352,21 @@ def create_app(state: ServerState) -> FastAPI:
             raise InputError("text: the query is blank")
         if body.text is not None and body.target == "captions":
             raise InputError("target: captions are searched with an image or a vector, not text")
-        name = collection_name(body.collection)
+
+    def _text_results(base: str, loaded, body: SearchRequest, vector: np.ndarray) -> bytes:
+        """The JSON of a plain text search, given the query's embedding (run by the batcher's worker)."""
+        with state.store_lock:
+            hits = loaded.search.search_vector(vector, table="images", k=body.k, min_score=body.min_score,
+                                               where=body.where, path_glob=body.path)
+
+        return json_bytes(_results(base, loaded.name, hits, query=body.text, kind="text->image",
+                                   rerank=loaded.search.rerank_info(body.rerank)))
+
+    def _results(base: str, name: str, hits, *, query, kind: str, rerank) -> dict:
+        return {"query": query, "kind": kind, "collection": name,
+                "results": [with_urls(base, name, h.as_dict()) for h in hits], "rerank": rerank.as_dict()}
+
+    def _search(base: str, name: str, body: SearchRequest, upload: bytes | None) -> bytes:
         loaded = state.collection(name)
         opts = {"k": body.k, "min_score": body.min_score, "where": body.where, "path_glob": body.path}
         from clipdex.retrieval.store.rerank import RerankInfo, resolve_rerank
@@ -357,8 +396,7 @@ def create_app(state: ServerState) -> FastAPI:
                 hits = search.search_vector(vector, table=body.target, **opts)
             kind = "image->text" if body.target == "captions" else "image->image"
             query = body.image_id if body.image_id is not None else "(uploaded image)"
-        return {"query": query, "kind": kind, "collection": name,
-                "results": [with_urls(request, name, h.as_dict()) for h in hits], "rerank": rerank.as_dict()}
+        return json_bytes(_results(base, name, hits, query=query, kind=kind, rerank=rerank))
 
     @app.get("/images/{collection}/{image_id:path}", name="image",
              summary="an image of a collection (?size=N: a thumbnail N pixels on its longer side)",
@@ -408,7 +446,7 @@ def create_app(state: ServerState) -> FastAPI:
             result = answerer.ask(image=im, question=question)
         out = result.as_dict()
         out["collection"] = name
-        out["evidence"] = [with_urls(request, name, e) for e in out["evidence"]]
+        out["evidence"] = [with_urls(str(request.base_url), name, e) for e in out["evidence"]]
         return out
 
     @app.post("/index", status_code=202, summary="index a folder under the server's index roots (returns a job)",

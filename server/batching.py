@@ -6,12 +6,18 @@ while a batch waits for one. Each request puts its text in a queue and waits; on
 everything queued (up to ``max_batch``, grouped by encoder), embeds each group in one pass under the
 server's model lock, and hands every request its vector. Nothing waits on a timer: a query that arrives
 while the tower is busy joins the next batch, one that arrives at an idle server runs at once.
+
+A request may also hand over what to do with its vector (``submit(..., then=f)``): the worker runs ``f`` on
+it and the request gets ``f``'s result. The server's plain text search does so (the FAISS search and the
+response's JSON), so that the request needs no thread of its own: the event loop awaits one future, and a
+search costs one thread switch to the worker and one back instead of four.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 
 import numpy as np
@@ -31,9 +37,14 @@ class TextBatcher:
 
     def embed(self, encoder, text: str) -> np.ndarray:
         """The embedding of ``text`` by ``encoder`` (blocks until its batch ran; its errors are raised here)."""
+        return self.submit(encoder, text).result()
+
+    def submit(self, encoder, text: str, *, then: Callable[[np.ndarray], object] | None = None) -> Future:
+        """A future of ``text``'s embedding by ``encoder``, or of ``then(embedding)`` run by the worker right
+        after the batch (outside the model lock); an error of either is the future's."""
         done: Future = Future()
-        self._queue.put((encoder, text, done))
-        return done.result()
+        self._queue.put((encoder, text, done, then))
+        return done
 
     def _run(self) -> None:
         while True:
@@ -50,12 +61,25 @@ class TextBatcher:
                 encoder = group[0][0]
                 try:
                     with self.lock:
-                        vectors = encoder.encode_texts([t for _, t, _ in group])
+                        vectors = encoder.encode_texts([item[1] for item in group])
                 except BaseException as e:  # noqa: BLE001 - every waiting request gets the error
-                    for _, _, done in group:
-                        done.set_exception(e)
+                    for item in group:
+                        item[2].set_exception(e)
                     continue
                 self.batches += 1
                 self.texts += len(group)
-                for (_, _, done), v in zip(group, vectors):
-                    done.set_result(v)
+                for (_, _, done, then), v in zip(group, vectors):
+                    _settle(done, then, v)
+
+
+def _settle(done: Future, then: Callable | None, vector: np.ndarray) -> None:
+    """``done`` given ``vector``, or ``then(vector)``, or the error ``then`` raised."""
+    if then is None:
+        done.set_result(vector)
+        return
+    try:
+        result = then(vector)
+    except BaseException as e:  # noqa: BLE001 - the request that asked for ``then`` gets its error
+        done.set_exception(e)
+    else:
+        done.set_result(result)

@@ -65,7 +65,7 @@ def _int(data: dict, key: str, default: int, *, low: int, high: int) -> int:
 
 
 def router(state: ServerState, *, image_url: Callable, collection_name: Callable) -> APIRouter:
-    """The three clip-retrieval routes over ``state``; ``image_url(request, collection, id)`` makes the
+    """The three clip-retrieval routes over ``state``; ``image_url(base_url, collection, id)`` makes the
     ``url`` of a result and ``collection_name`` resolves an ``indice_name`` (None: the default)."""
     from clipdex.server.api import decode_base64, json_object
 
@@ -140,10 +140,10 @@ def router(state: ServerState, *, image_url: Callable, collection_name: Callable
             if table == "images":
                 caps = loaded.captions.get(h.id) or []
                 out.append({"id": h.id, "similarity": h.score, "caption": caps[0] if caps else None,
-                            "url": image_url(request, name, h.id), "path": h.path})
+                            "url": image_url(str(request.base_url), name, h.id), "path": h.path})
             else:
                 out.append({"id": h.id, "similarity": h.score, "caption": h.caption, "image_id": h.image_id,
-                            "url": image_url(request, name, h.image_id)})
+                            "url": image_url(str(request.base_url), name, h.image_id)})
         return out
 
     @api.post("/metadata", summary="clip-retrieval: caption and url of result ids")
@@ -159,12 +159,12 @@ def router(state: ServerState, *, image_url: Callable, collection_name: Callable
             key = str(item)
             if key in loaded.position:
                 caps = loaded.captions.get(key) or []
-                meta = {"caption": caps[0] if caps else None, "url": image_url(request, name, key),
+                meta = {"caption": caps[0] if caps else None, "url": image_url(str(request.base_url), name, key),
                         "path": loaded.path_of(key)}
             else:  # a caption id: "<image id>#<k>"
                 owner, _, k = key.rpartition("#")
                 caps = loaded.captions.get(owner) or []
-                meta = ({"caption": caps[int(k)], "image_id": owner, "url": image_url(request, name, owner)}
+                meta = ({"caption": caps[int(k)], "image_id": owner, "url": image_url(str(request.base_url), name, owner)}
                         if owner in loaded.position and k.isdigit() and int(k) < len(caps) else {})
             out.append({"id": item, "metadata": meta})
         return out

@@ -108,6 +108,14 @@ class ServerState:
             logger.info("opened collection %s (%d images) in %.2f s", name, len(loaded.ids), time.perf_counter() - t0)
             return loaded
 
+    def fresh_collection(self, name: str) -> LoadedCollection | None:
+        """``name``'s loaded state when its tables were checked less than ``recheck_seconds`` ago, else None:
+        no I/O and no waiting, so the event loop may ask (None: ask :meth:`collection` in a thread)."""
+        entry = self._entries.get(name)
+        if entry is None or time.monotonic() - entry.checked >= self.settings.recheck_seconds:
+            return None
+        return entry.loaded
+
     def backend(self):
         """The built-in answering decoder, loaded on first use."""
         with self._lock:

@@ -108,6 +108,32 @@ def test_text_search_matches_the_library_and_the_cli(served):
     assert body["kind"] == "text->image" and body["rerank"]["used"] is False
 
 
+def test_a_text_search_answers_the_same_on_the_batchers_worker_and_in_a_request_thread(served, monkeypatch):
+    """A plain text search runs on the batcher's worker (no request thread) when its collection was checked
+    lately, in a request thread otherwise: the same JSON either way, filters included."""
+    state = served.state
+    loaded = state.collection("world")
+    submit, thens = state.text_batcher.submit, []
+
+    def spy(encoder, text, *, then=None):
+        thens.append(then is not None)
+        return submit(encoder, text, then=then)
+
+    monkeypatch.setattr(state.text_batcher, "submit", spy)
+    text = "a green triangle above a red square"
+    top = loaded.search.search_text(text, k=1, rerank=0)[0].id
+    query = {"text": text, "k": 7, "min_score": -1.0, "where": f"id != '{top}'"}  # a filter that changes the top
+    monkeypatch.setattr(state, "fresh_collection", lambda name: loaded)
+    on_worker = requests.post(served.url + "/search", json=query)
+    monkeypatch.setattr(state, "fresh_collection", lambda name: None)
+    in_thread = requests.post(served.url + "/search", json=query)
+    assert thens == [True, False]
+    assert on_worker.status_code == in_thread.status_code == 200, (on_worker.text, in_thread.text)
+    assert on_worker.json() == in_thread.json() and len(on_worker.json()["results"]) == 7
+    assert top not in [h["id"] for h in on_worker.json()["results"]]
+    assert on_worker.headers["content-type"] == "application/json"
+
+
 def test_image_queries_upload_base64_and_id(served):
     img = served.images[0]
     own = served.state.collection("world").ids[served.state.collection("world").paths.index(str(img))]
