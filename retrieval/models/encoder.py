@@ -314,12 +314,13 @@ class DualEncoder:
         out = np.zeros((len(texts), self.info.embed_dim), np.float32)
         for i in range(0, len(texts), batch_size):
             idx = order[i:i + batch_size]
-            if self.onnx is not None and self.onnx.text is not None:
-                feats = torch.from_numpy(self.onnx.encode_text(tokens[idx].numpy()))
+            if self.onnx is not None and self.onnx.text is not None:  # numpy throughout: a query is one short
+                feats = self.onnx.encode_text(tokens[idx].numpy())    # pass, where torch's per-call cost shows
+                out[idx.numpy()] = feats / np.linalg.norm(feats, axis=-1, keepdims=True)
             else:
                 with autocast(self.device, self.precision):
                     feats = encode_text_trimmed(self.model, tokens[idx].to(self.device))
-            out[idx.numpy()] = F.normalize(feats.float(), dim=-1).cpu().numpy()
+                out[idx.numpy()] = F.normalize(feats.float(), dim=-1).cpu().numpy()
         return out
 
 
