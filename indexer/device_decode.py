@@ -160,7 +160,8 @@ class DeviceDecoder:
     the files the workers decoded, in the batch's order; refused JPEGs decoded by the CPU decoder.
 
     ``transform`` (open_clip's preprocess) and ``max_pixels``/``draft_size`` are the CPU path's, for those
-    fall-backs. ``seconds`` keeps the time spent here."""
+    fall-backs. ``seconds`` keeps the (host) time spent here: on CUDA, kernels still queued when :meth:`finish`
+    returns are waited for by the encoder's call that follows."""
 
     def __init__(self, *, device: torch.device, preprocess: DevicePreprocess, transform: Callable,
                  max_pixels: int, draft_size: int | None = None):
