@@ -21,6 +21,7 @@ from pathlib import Path
 from clipdex.exceptions import StoreError
 from clipdex.files import atomic_write, hash_file, remove_stale_temp_files
 from clipdex.indexer.decode import DecodePool
+from clipdex.indexer.device_decode import check_decode, device_decoder_for
 from clipdex.indexer.embed import Embedder
 from clipdex.indexer.ray_engine import RayConfig
 from clipdex.indexer.reader import SourceItem, SourceListing, read_source
@@ -43,6 +44,9 @@ class IndexSettings:
     source: a folder (walked recursively) or a manifest (.parquet/.csv/.jsonl with a path column).
     split: only the manifest rows of this split.
     batch_size: images per encoder batch. workers: decoding processes (None: cores - 1).
+    decode: where JPEGs are decoded: ``cpu`` (the workers, with PIL), ``device`` (batches on the encoder's device,
+        nvJPEG on CUDA: :mod:`clipdex.indexer.device_decode`; other formats and refused JPEGs stay on the CPU) or
+        ``auto`` (device when the encoder runs on CUDA, else cpu: a CPU run decodes as it always did).
     flush_rows: images per LanceDB commit (large appends, few fragments); flush_seconds: commit at least this
         often too, so a failure late in a long run loses at most this much work.
     lock_wait: seconds to wait for another writer of the collection to finish (0: refuse at once).
@@ -67,6 +71,7 @@ class IndexSettings:
     split: str | None = None
     batch_size: int = 256
     workers: int | None = None
+    decode: str = "auto"  # auto, cpu or device (see clipdex.indexer.device_decode)
     device: str = "auto"
     precision: str = "auto"
     runtime: str = "auto"  # torch, onnx or auto (see retrieval.models.encoder.DualEncoder)
@@ -173,6 +178,9 @@ def run_index(settings: IndexSettings, *, progress: bool = True, on_progress: Pr
     parse_model_spec(settings.model)  # a mistyped spec fails before any work
     if settings.engine not in ENGINES:
         raise StoreError(f"unknown engine {settings.engine!r}: use one of {', '.join(ENGINES)}")
+    check_decode(settings.decode)
+    if settings.engine == "ray" and settings.decode == "device":
+        raise StoreError("--decode device runs in the indexing process: use it with --engine local")
     if settings.engine == "ray":  # decoding happens in Ray tasks: no local pool
         from clipdex.indexer.ray_engine import ray_session
 
@@ -209,6 +217,7 @@ class LoopResult:
     seconds: float
     engine: dict = field(default_factory=lambda: {"name": "local"})
     first_batch_at: float | None = None  # perf_counter when the first batch went to the encoder (None: none did)
+    device_decode: float | None = None  # seconds decoding JPEGs on the device (None: the workers decoded them all)
 
 
 def _run(settings: IndexSettings, pool: DecodePool, *, progress: bool, t_start: float,
@@ -334,16 +343,19 @@ def _index_loop(settings: IndexSettings, prep: PreparedRun, pool: DecodePool, *,
                          flush_seconds=settings.flush_seconds, replace=plan.replace)
     decode_cpu = wait = 0.0
     t_loop = time.perf_counter()
+    device_decoder = device_decoder_for(encoder, decode=settings.decode, max_pixels=settings.max_pixels)
     report = LoopProgress(settings, prep, progress=progress, on_progress=on_progress)
     try:
         batches = pool.batches(plan.todo, encoder.preprocess, batch_size=settings.batch_size,
                                max_pixels=settings.max_pixels, draft_size=encoder.info.image_size,
-                               follow_links=settings.follow_links)
+                               follow_links=settings.follow_links, device_jpeg=device_decoder is not None)
         t_wait = time.perf_counter()
         first = None
         for batch in batches:
             wait += time.perf_counter() - t_wait
             decode_cpu += batch["decode_seconds"]
+            if device_decoder is not None:
+                batch = device_decoder.finish(batch)
             if batch["pixels"] is not None:
                 first = first or time.perf_counter()
                 _write_batch(writer, embedder, batch, [plan.todo[p] for p in batch["pos"]])
@@ -355,8 +367,12 @@ def _index_loop(settings: IndexSettings, prep: PreparedRun, pool: DecodePool, *,
         raise
     finally:
         report.close()
+    engine = {"name": "local", "decode": "cpu" if device_decoder is None else f"device ({encoder.device})"}
+    if device_decoder is not None:
+        engine["device_decode_fallbacks"] = device_decoder.fallbacks
     return LoopResult(writer, embedder.seconds, report.failures, wait, decode_cpu, time.perf_counter() - t_loop,
-                      first_batch_at=first)
+                      engine=engine, first_batch_at=first,
+                      device_decode=None if device_decoder is None else device_decoder.seconds)
 
 
 def _nothing_to_embed(settings: IndexSettings, prep: PreparedRun, *, progress: bool,
@@ -401,7 +417,8 @@ def _finish(settings: IndexSettings, prep: PreparedRun, loop: LoopResult, *, wor
     times["faiss"] = time.perf_counter() - t0
     if loop.first_batch_at is not None:  # from the call to the first batch's embedding: what a user waits first
         times["to_first_batch"] = loop.first_batch_at - t_start
-    times.update({"decode_wait": loop.decode_wait, "decode_worker_cpu": loop.decode_cpu, "embed": loop.embed_seconds,
+    times.update({"decode_wait": loop.decode_wait, "decode_worker_cpu": loop.decode_cpu,
+                  "device_decode": loop.device_decode, "embed": loop.embed_seconds,
                   "write": writer.seconds, "index_loop": loop.seconds, "total": time.perf_counter() - t_start})
     times = {k: v for k, v in times.items() if v is not None}
     summary = {

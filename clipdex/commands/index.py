@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("performance")
     g.add_argument("--batch-size", type=int_at_least(1), default=256, metavar="N", help="images per encoder batch")
     g.add_argument("--workers", type=int_at_least(0), default=None, metavar="N", help=WORKERS_HELP)
+    g.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
+                   help="where JPEGs are decoded: cpu (the decoding workers), device (in batches on the model's "
+                   "device: nvJPEG on a GPU, resized and normalised there; other formats stay on the CPU) or auto "
+                   "(device when the model runs on CUDA, else cpu)")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"], help=PRECISION_HELP)
     g.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
@@ -81,7 +85,8 @@ def _index(args) -> int:
     from clipdex.retrieval.store.faiss_index import IndexConfig
 
     settings = IndexSettings(source=args.source, db=args.db, collection=args.collection, model=args.model,
-                             split=args.split, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                             split=args.split, batch_size=args.batch_size, workers=args.workers, decode=args.decode,
+                             device=args.device,
                              precision=args.precision, runtime=args.runtime, rehash=args.rehash,
                              flush_rows=args.flush_rows, build_index=not args.no_faiss,
                              lock_wait=args.wait, index=IndexConfig(exact_threshold=args.exact_threshold),
@@ -108,7 +113,8 @@ def _index(args) -> int:
               f"{s['faiss']:.1f}; total {s['total']:.1f}")
     elif summary["images_per_s"]:
         print(f"speed: {summary['images_per_s']:.0f} images/s; stage seconds: decode wait {s['decode_wait']:.1f}, "
-              f"embed {s['embed']:.1f}, write {s['write']:.1f}, faiss {s['faiss']:.1f}; total {s['total']:.1f}")
+              + (f"device decode {s['device_decode']:.1f}, " if "device_decode" in s else "")
+              + f"embed {s['embed']:.1f}, write {s['write']:.1f}, faiss {s['faiss']:.1f}; total {s['total']:.1f}")
     for name, sc in summary["faiss"].items():
         print(f"faiss {name}: {sc['factory']} over {sc['rows']} vectors, recall@10 vs exact "
               f"{sc['recall_at_10_vs_exact']:.3f}")

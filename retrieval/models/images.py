@@ -80,6 +80,32 @@ def _register_heif() -> None:
     register_heif_opener()
 
 
+QUARTER_TURNS = (5, 6, 7, 8)  # the EXIF orientations that turn the image a quarter (width and height swap)
+
+
+def open_header(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Bytes -> a PIL image opened lazily (its header read, no pixel decoded), of one of ``IMAGE_FORMATS``.
+
+    Raises ``Image.DecompressionBombError`` when the header claims more than ``max_pixels`` pixels,
+    ``Image.UnidentifiedImageError`` when the bytes are none of the formats: what :func:`decode_image` raises,
+    because it starts here (the device decoder checks a JPEG's header here too before any pixel is decoded).
+    """
+    _register_heif()
+    Image.MAX_IMAGE_PIXELS = None  # idempotent: the limit below is per call
+    im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    if im.width * im.height > max_pixels:
+        raise Image.DecompressionBombError(f"{im.width}x{im.height} = {im.width * im.height:,} pixels, over the "
+                                           f"limit of {max_pixels:,}")
+    return im
+
+
+def exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image, 1 (as stored) to 8; 1 when it has none or an invalid one (which
+    ``ImageOps.exif_transpose`` leaves as stored too)."""
+    value = im.getexif().get(0x0112, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
 def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None) -> tuple[Image.Image, int, int]:
     """Bytes -> RGB PIL image with EXIF orientation applied, plus its (width, height) before any reduction.
 
@@ -89,17 +115,12 @@ def decode_image(data: bytes, *, max_pixels: int, draft_size: int | None = None)
     race on it). Greyscale of more than 8 bits is stretched by :func:`_to_8bit`; transparency is composited onto
     ``BACKGROUND`` by :func:`_to_rgb`.
     """
-    _register_heif()
-    Image.MAX_IMAGE_PIXELS = None  # idempotent: the limit below is per call
-    im = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    if im.width * im.height > max_pixels:
-        raise Image.DecompressionBombError(f"{im.width}x{im.height} = {im.width * im.height:,} pixels, over the "
-                                           f"limit of {max_pixels:,}")
+    im = open_header(data, max_pixels=max_pixels)
     im.seek(0)  # GIF, TIFF, MPO, HEIF: the first frame
     w, h = im.size
     if draft_size and im.format in ("JPEG", "MPO"):
         im.draft("RGB", (draft_size, draft_size))  # decode a reduced JPEG when it is far bigger than needed
-    if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the image a quarter
+    if exif_orientation(im) in QUARTER_TURNS:
         w, h = h, w
     im.load()
     im = ImageOps.exif_transpose(im)

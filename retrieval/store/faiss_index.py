@@ -103,8 +103,11 @@ def to_gpu(index, *, use_gpu: bool = True):
     if faiss.get_num_gpus() == 0:
         logger.info("faiss-gpu found no GPU; searching on the CPU")
         return index
-    res = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(res, 0, index)
+    try:
+        return faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    except (RuntimeError, MemoryError) as e:  # an index type FAISS cannot run on the GPU, or no room there
+        logger.warning("could not put the FAISS index on the GPU (%s); searching on the CPU", e)
+        return index
 
 
 def recall_vs_exact(index, vectors: np.ndarray, *, sample: int = 500, k: int = 10, seed: int = 0) -> float:
