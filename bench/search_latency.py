@@ -200,7 +200,8 @@ def print_table(rows: list[dict]) -> None:
         m = r["memory"]
         lat = lambda d: f"{d['p50_ms']:.2f}/{d['p95_ms']:.2f}"  # noqa: E731
         print(f"{r['size']:>8} {r['factory']:<15} {r['build_seconds']:>8.2f} {r['load_seconds']:>7.2f} "
-              f"{r['index_file_mb_per_m']:>9.0f} {_f(m['rss_growth_mb_per_m'], '9.0f')} {_f(m['peak_growth_mb_per_m'], '9.0f')} "
+              f"{r['index_file_mb_per_m']:>9.0f} {_f(m['rss_growth_mb_per_m'], '9.0f')} "
+              f"{_f(m['peak_growth_mb_per_m'], '9.0f')} "
               f"{lat(r['text_to_image']):>15} {lat(r['raw_faiss']):>15} {lat(r['clipdex_search_vector']):>16} "
               f"{r['overhead_p50']:>6.2f} {_f(r['recall_at_10_heldout'], '9.3f')} {r['recall_at_10_sidecar']:>9.3f}")
 

@@ -11,8 +11,9 @@ LanceDB with a warning. On a read-only database the rebuilt index is kept in mem
 Exact search (``Flat``, inner product on L2-normalised vectors = cosine) below
 ``IndexConfig.exact_threshold`` vectors; above it an inverted-file index of the full vectors, and above
 ``IndexConfig.compressed_threshold`` (2M) one of product-quantized codes (IVF-PQ, 72 bytes a vector instead of
-1 KB at 256-d, with the recall it costs measured at build time; ``bench/README.md`` has the scale table). FAISS runs the index on the GPU
-when the faiss-gpu build and CUDA are present, and says so in the log when it falls back to the CPU.
+1 KB at 256-d, with the recall it costs measured at build time; ``bench/README.md`` has the scale table). FAISS
+runs the index on the GPU when the faiss-gpu build and CUDA are present, and says so in the log when it falls back
+to the CPU.
 """
 
 from __future__ import annotations
