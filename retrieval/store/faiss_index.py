@@ -48,17 +48,19 @@ class IndexConfig:
         per vector plus 8 for its id (1.0 GB per million 256-d vectors; 1.25 GB resident with the rows, measured).
     compressed_threshold: above this many vectors, ``compressed_factory`` instead of ``factory``. The default,
         2,000,000, is where ``IVF,Flat`` stops being reasonable beside the model on a 16 GB machine: 2.5 GB resident
-        at search, about twice that while building (the vectors read from LanceDB plus the index's own copy), and
-        10 GB resident at 8M. LanceDB keeps the exact vectors either way.
+        at search, ~6 GB at the peak of loading it (measured: 2.9 GB per million), more while building, and 10 GB
+        resident at 8M. LanceDB keeps the exact vectors either way.
     compressed_factory: the factory string above ``compressed_threshold``; ``{nlist}`` as above and ``{m}`` the
         product quantizer's sub-vectors: the largest divisor of D not above ``pq_bytes``. ``IVF{nlist},PQ{m}x8``
         stores ``m`` bytes of code plus an 8-byte id per vector (72 MB per million at ``m`` 64, 14x less than
         ``IVF,Flat`` at 256-d) and scores with the codes (asymmetric distances), so the true top 10 is found
-        less often: recall@10 vs exact is recorded at every build (``bench/search_latency.py`` measures it at
-        1M). Fewer bytes (``pq_bytes`` 32) halve the codes and lose recall; ``OPQ{m},`` before ``IVF`` rotates the
-        vectors to suit the quantizer (better recall on real embeddings, a D x D matrix more);
-        ``HNSW32`` was not chosen: its 32 links per vector (256 bytes more) cost more memory than the codes it
-        would search, its build is slow on few cores, and it does not delete.
+        less often: recall@10 vs exact is recorded at every build; the benchmark's synthetic vectors measured 0.58
+        at 1M, 0.96 / 0.997 if the top 50 / 100 were re-scored with their exact vectors, which clipdex does not do
+        yet (``bench/README.md``, *Scale*). Fewer bytes (``pq_bytes`` 32) halve the codes and lose recall;
+        ``OPQ{m},`` before ``IVF`` rotates the vectors to suit the quantizer (often better recall on real
+        embeddings, a D x D matrix more; not measured here). ``HNSW32`` was not chosen: its 64 base-level links
+        per vector (256 bytes) cost more memory than the codes it would search, its build is slow on few cores,
+        and it does not delete.
     pq_bytes: the most code bytes per vector of ``compressed_factory``'s ``{m}``.
     nprobe: lists visited per query (higher: better recall, slower; the lists grow as sqrt(N), so nprobe 32
         scans about 32 * sqrt(N) / 4 vectors: 8k at 1M, 80k at 100M).
