@@ -10,7 +10,7 @@ recall@10 of IVF against exact search. At the sizes in --compressed-sizes (1M) i
 ``IndexConfig.compressed_factory`` (``IVF{nlist},PQ{m}x8``, m = 64 at 256-d), forced by setting
 ``compressed_threshold`` to 0: the index the defaults build at 10M and 100M, checked at 1M with the same compression.
 
-    .venv/bin/python bench/search_latency.py                 # 10k, 100k, 1M; PQ at 1M (~12 min on 2 idle cores)
+    .venv/bin/python bench/search_latency.py                 # 10k, 100k, 1M; PQ at 1M (~9 min on 2 idle cores, estimated)
     .venv/bin/python bench/search_latency.py --sizes 10000   # quick
     .venv/bin/python bench/search_latency.py --sizes 10000 --compressed-sizes 10000 --out /tmp/x.json  # quick PQ
 """

@@ -98,6 +98,9 @@ def test_the_defaults_below_the_compressed_threshold_are_unchanged():
     assert c.factory_for(100_000_000, dim=DIM) == "IVF40000,PQ64x8"
     assert c.factory_for(10_000_000, dim=96) == "IVF12649,PQ48x8"  # m divides D: 48 | 96
     assert c.factory_for(10_000_000, dim=512) == "IVF12649,PQ64x8"
+    assert c.factory_for(2_000_000, dim=None) == "IVF5656,Flat"  # the dimension matters only above the threshold
+    with pytest.raises(ValueError, match="dimension"):
+        c.factory_for(2_000_001, dim=None)
 
 
 def test_below_the_compressed_threshold_the_same_collection_gets_ivf_flat(corpus):

@@ -77,14 +77,17 @@ class IndexConfig:
     recall_sample: int = 500
     use_gpu: bool = True
 
-    def factory_for(self, n: int, *, dim: int) -> str:
-        """The factory string for a table of ``n`` vectors of ``dim`` dimensions."""
+    def factory_for(self, n: int, *, dim: int | None) -> str:
+        """The factory string for a table of ``n`` vectors of ``dim`` dimensions (``dim`` is read only above
+        ``compressed_threshold``, where it sets ``{m}``: None is enough below)."""
         if n <= self.exact_threshold:
             return "Flat"
         # 4 sqrt(N) lists, but at least 39 training points per list (FAISS's minimum for stable k-means)
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
         if n <= self.compressed_threshold:
             return self.factory.format(nlist=nlist)
+        if dim is None:
+            raise ValueError(f"factory_for({n}) needs the vectors' dimension above {self.compressed_threshold} vectors")
         m = max(k for k in range(1, min(dim, self.pq_bytes) + 1) if dim % k == 0)
         return self.compressed_factory.format(nlist=nlist, m=m)
 
@@ -388,6 +391,8 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
 
 def is_fresh(collection, table: str, sidecar: dict, *, config: IndexConfig = IndexConfig()) -> bool:
     """Whether an index built as ``sidecar`` says still covers the table exactly, built as ``config`` asks."""
+    rows = sidecar["rows"]  # the dimension only where it sets the factory (reading it costs ~0.5 ms a check)
+    dim = collection.encoder_info().embed_dim if rows > config.compressed_threshold else None
     return (sidecar.get("fingerprint") == collection.fingerprint(table)
-            and sidecar["rows"] == collection.count(table)
-            and sidecar["factory"] == config.factory_for(sidecar["rows"], dim=collection.encoder_info().embed_dim))
+            and rows == collection.count(table)
+            and sidecar["factory"] == config.factory_for(rows, dim=dim))
