@@ -3,7 +3,8 @@
 Reads the collection and the compressed index ``bench/search_latency.py`` left in WORK/search-db (run it first with
 the same --size), the same held-out queries (same seed), and for each nprobe and re-rank depth R: recall@10 against
 exact search and the p50 of the raw FAISS search for the R candidates. The re-rank scores the R candidates with their
-exact float32 vectors (here from memory; clipdex would read them from LanceDB, whose cost is not measured here).
+exact float32 vectors (here from memory); then it times reading 100 candidates' vectors from LanceDB by id, the
+read clipdex would need to re-rank today.
 
     .venv/bin/python bench/pq_recall.py --size 1000000 --threads 1
 """
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nprobes", default="32,64,128")
     ap.add_argument("--depths", default="10,50,100,200", help="candidates re-ranked exactly (10: no re-rank)")
+    ap.add_argument("--lance-reads", type=int, default=21, help="queries whose candidates are read from LanceDB")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--work", default="/tmp/clipdex-bench")
     args = ap.parse_args(argv)
@@ -72,6 +74,16 @@ def main(argv: list[str] | None = None) -> int:
                 found.append(cand[np.argsort(-(x[cand] @ v))[:10]] if depth > 10 else cand[:10])
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)])
             print(f"{nprobe:>6} {depth:>7} {recall:>6.3f} {np.median(times) * 1e3:>10.2f}", flush=True)
+    # what reading the candidates' exact vectors from LanceDB by id would cost today (no scalar index on id)
+    ids = loaded.columns["id"]
+    reads = []
+    for v in q[:args.lance_reads]:
+        _, pos = loaded.index.search(v[None], 100)
+        t0 = time.perf_counter()
+        col.rows([ids[p] for p in pos[0] if p >= 0], columns=("id", "vector"))
+        reads.append(time.perf_counter() - t0)
+    print(f"LanceDB Collection.rows of the 100 candidates' vectors by id: first {reads[0] * 1e3:.0f} ms, then p50 "
+          f"{np.median(reads[1:]) * 1e3:.0f} ms, max {max(reads[1:]) * 1e3:.0f} ms over {len(reads) - 1} queries")
     return 0
 
 
