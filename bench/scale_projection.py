@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     # what clipdex keeps beside the index (ids and paths as Arrow and Python lists), measured at 1M
     rows_mb_per_m = pq["memory"]["rss_growth_mb_per_m"] - file_mb_per_m(pq)
     print(f"\nprojected (arithmetic on the {pq['size']:,}-vector compressed run; not measured):")
-    print(f"{'size':>11} {'index':<18} {'index MB/M':>10} {'index GB':>8} {'+ rows GB':>9} {'build GB':>8} "
+    print(f"{'size':>11} {'index':<18} {'index MiB/M':>11} {'index GiB':>9} {'+ rows GiB':>10} {'build GiB':>9} "
           f"{'build h (N .. N^1.5)':>20} {'R@10 at 1M':>10}")
     for n in (int(s) for s in args.sizes.split(",")):
         factory = config.factory_for(n, dim=dim)
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         per_m = (b["codes"] + b["ids"] + b["fixed"]) / n * 1e6 / 2**20
         scale = n / pq["size"]
         lo, hi = pq["build_seconds"] * scale / 3600, pq["build_seconds"] * scale**1.5 / 3600
-        print(f"{n:>11,} {factory:<18} {per_m:>10.1f} {per_m * n / 1e6 / 1024:>8.1f} "
-              f"{rows_mb_per_m * n / 1e6 / 1024:>9.1f} {n * 4 * dim / 2**30:>8.0f} {f'{lo:.1f} .. {hi:.1f}':>20} "
+        print(f"{n:>11,} {factory:<18} {per_m:>11.1f} {per_m * n / 1e6 / 1024:>9.1f} "
+              f"{rows_mb_per_m * n / 1e6 / 1024:>10.1f} {n * 4 * dim / 2**30:>9.1f} {f'{lo:.1f} .. {hi:.1f}':>20} "
               f"{pq['recall_at_10_heldout']:>10.3f}")
     print(f"\nindex MB/M = code bytes + 8-byte id per vector + (coarse centroids nlist x {dim} x 4 B + PQ codebooks) "
           f"/ N; "
