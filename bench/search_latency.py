@@ -1,14 +1,18 @@
-"""Search latency, recall and index memory at 10k / 100k / 1M vectors, exact (Flat) and approximate (IVF).
+"""Search latency, recall and index memory at 10k / 100k / 1M vectors, exact (Flat) and approximate (IVF), and the
+compressed index (IVF-PQ) the defaults choose above 2M vectors, forced at 1M.
 
 Vectors are synthetic: a seeded mixture of --centres gaussian clusters in the default model's space (256-d),
 L2-normalised, written into a real LanceDB collection (ids v{i}, paths /synthetic/{i}.jpg). For each size
 and index kind: build seconds (clipdex ``build_for``), RSS growth while loading the index (``load_for``),
 text->image latency with the default encoder in-process, raw FAISS ``index.search`` latency on one query
 vector, clipdex ``search_vector`` latency on the same vectors (overhead = clipdex / raw, target <= 1.2) and
-recall@10 of IVF against exact search.
+recall@10 of IVF against exact search. At the sizes in --compressed-sizes (1M) it also measures "compressed":
+``IndexConfig.compressed_factory`` (``IVF{nlist},PQ{m}x8``, m = 64 at 256-d), forced by setting
+``compressed_threshold`` to 0: the index the defaults build at 10M and 100M, checked at 1M with the same compression.
 
-    .venv/bin/python bench/search_latency.py                 # 10k, 100k, 1M (~6 min on 2 idle cores)
+    .venv/bin/python bench/search_latency.py                 # 10k, 100k, 1M; PQ at 1M (~9 min on 2 idle cores, estimated)
     .venv/bin/python bench/search_latency.py --sizes 10000   # quick
+    .venv/bin/python bench/search_latency.py --sizes 10000 --compressed-sizes 10000 --out /tmp/x.json  # quick PQ
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from common import captions, machine, pct, set_threads, write_report
+
+from clipdex.retrieval.store.faiss_index import IndexConfig as IndexConfigDefaults  # the defaults, for --help
 
 
 def mixture(*, centres: np.ndarray, count: int, noise: float, rng: np.random.Generator) -> np.ndarray:
@@ -164,11 +170,13 @@ def bench_kind(*, col, kind: str, config, encoder, texts: list[str], queries: np
     loaded = sc.index("images")  # load_for: reads the persisted index and its rows
     load_s = time.perf_counter() - t0
     t2i, raw, ours, ids = time_queries(sc=sc, loaded=loaded, texts=texts, queries=queries, k=k)
-    recall = (float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, ids)])) if truth is not None else 1.0)
-    faiss_file = col.database.path / "_faiss" / f"{col.name}__images.faiss"
+    recall = (float(np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, ids)])) if truth is not None
+              else 1.0 if kind == "exact" else None)  # None: no exact run this time to compare with
+    faiss_file = col.database.path / "_faiss" / sidecar["files"]["index"]  # each build names its own files
     row = {"size": n, "kind": kind, "factory": sidecar["factory"], "nprobe": sidecar["nprobe"],
            "build_seconds": build_s, "load_seconds": load_s,
            "load_seconds_fresh_process": child["seconds"], "index_file_mb": faiss_file.stat().st_size / 2**20,
+           "index_file_mb_per_m": faiss_file.stat().st_size / 2**20 * per_m,
            "memory": mem, "text_to_image": pct(t2i), "raw_faiss": pct(raw), "clipdex_search_vector": pct(ours),
            "overhead_p50": float(np.median(ours) / np.median(raw)),
            "overhead_p95": float(np.percentile(ours, 95) / np.percentile(raw, 95)),
@@ -184,17 +192,18 @@ def _f(x, spec: str) -> str:
 
 def print_table(rows: list[dict]) -> None:
     """The results table, to stdout."""
-    head = (f"{'size':>8} {'index':<14} {'build s':>8} {'load s':>7} {'MB/M rss':>9} {'MB/M peak':>9} "
+    head = (f"{'size':>8} {'index':<15} {'build s':>8} {'load s':>7} {'MB/M file':>9} {'MB/M rss':>9} {'MB/M peak':>9} "
             f"{'t2i p50/p95 ms':>15} {'raw p50/p95 ms':>15} {'clipdex p50/p95':>16} {'overhd':>6} "
             f"{'R@10 held':>9} {'R@10 self':>9}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         m = r["memory"]
         lat = lambda d: f"{d['p50_ms']:.2f}/{d['p95_ms']:.2f}"  # noqa: E731
-        print(f"{r['size']:>8} {r['factory']:<14} {r['build_seconds']:>8.2f} {r['load_seconds']:>7.2f} "
-              f"{_f(m['rss_growth_mb_per_m'], '9.0f')} {_f(m['peak_growth_mb_per_m'], '9.0f')} "
+        print(f"{r['size']:>8} {r['factory']:<15} {r['build_seconds']:>8.2f} {r['load_seconds']:>7.2f} "
+              f"{r['index_file_mb_per_m']:>9.0f} {_f(m['rss_growth_mb_per_m'], '9.0f')} "
+              f"{_f(m['peak_growth_mb_per_m'], '9.0f')} "
               f"{lat(r['text_to_image']):>15} {lat(r['raw_faiss']):>15} {lat(r['clipdex_search_vector']):>16} "
-              f"{r['overhead_p50']:>6.2f} {r['recall_at_10_heldout']:>9.3f} {r['recall_at_10_sidecar']:>9.3f}")
+              f"{r['overhead_p50']:>6.2f} {_f(r['recall_at_10_heldout'], '9.3f')} {r['recall_at_10_sidecar']:>9.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     arg("--nprobe", type=int, default=32, help="IVF lists visited per query (default %(default)s)")
     arg("--max-nlist", type=int, default=0, help="IVF lists = min(4*sqrt(N) (the library default), this); 0 (the "
         "default): no cap. At 1M, no cap trains 4000 lists on all 1M vectors (~2 min); 1024: on a 262k sample")
+    arg("--kinds", default="exact,approx,compressed", help="index kinds to measure (default %(default)s); exact "
+        "is the recall truth of the others")
+    arg("--compressed-sizes", default="1000000", help="sizes at which 'compressed' (IVF-PQ) is measured too "
+        "(default %(default)s)")
+    arg("--pq-bytes", type=int, default=IndexConfigDefaults.pq_bytes, help="code bytes per vector of the compressed "
+        "index (default %(default)s, the library's)")
     arg("--chunk", type=int, default=100_000, help="rows per LanceDB append (default %(default)s)")
     arg("--seed", type=int, default=0, help="data seed (default 0)")
     arg("--threads", type=int, default=None, help="torch and FAISS threads (default: theirs, all cores)")
@@ -229,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
     set_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    compressed_sizes = {int(s) for s in args.compressed_sizes.split(",") if s.strip()}
+    wanted = {k.strip() for k in args.kinds.split(",") if k.strip()}
     db_path = Path(args.work) / "search-db"
     if args.fresh:
         shutil.rmtree(db_path, ignore_errors=True)
@@ -251,7 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # the library default (IndexConfig.factory_for)
         nlist = min(nlist, args.max_nlist) if args.max_nlist else nlist
         kinds = [("exact", IndexConfig(exact_threshold=n)),
-                 ("approx", IndexConfig(exact_threshold=0, factory=f"IVF{nlist},Flat", nprobe=args.nprobe))]
+                 ("approx", IndexConfig(exact_threshold=0, compressed_threshold=2**62, factory=f"IVF{nlist},Flat",
+                                        nprobe=args.nprobe))]
+        if n in compressed_sizes:  # the library's compressed factory, {m} filled by it from D and pq_bytes
+            kinds.append(("compressed", IndexConfig(exact_threshold=0, compressed_threshold=0, nprobe=args.nprobe,
+                                                    pq_bytes=args.pq_bytes,
+                                                    compressed_factory=IndexConfigDefaults.compressed_factory.replace(
+                                                        "{nlist}", str(nlist)))))
+        kinds = [(kind, config) for kind, config in kinds if kind in wanted]
         truth = None
         for kind, config in kinds:
             print(f"[{n}] {kind}: build, load, {args.queries} text + {args.queries} vector queries ...", flush=True)
@@ -267,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
           f"vectors (raw float32 vectors: {4 * info.embed_dim} MB/M); peak: the high-water mark during the load.\n"
           f"overhd = clipdex search_vector p50 / raw FAISS p50 (target <= 1.2). R@10 held: IVF vs exact top-10 on the "
           f"held-out query vectors; self: the sidecar's recall (collection vectors as queries).\n"
-          f"IVF: nlist = {rule}, nprobe {args.nprobe}, trained on min(N, 64 * nlist) vectors. torch threads "
+          f"IVF: nlist = {rule}, nprobe {args.nprobe}, trained on min(N, 64 * nlist) vectors (IVF-PQ: at least "
+          f"65,536). MB/M file: the index file per million vectors. torch threads "
           f"{torch.get_num_threads()}, FAISS threads {faiss.omp_get_max_threads()}, cores {os.cpu_count()}.")
     report = {"benchmark": "search_latency", "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "argv": sys.argv[1:],
               "machine": machine(),

@@ -9,8 +9,11 @@ version is stale and rebuilt; one whose files do not match their checksums is da
 LanceDB with a warning. On a read-only database the rebuilt index is kept in memory only.
 
 Exact search (``Flat``, inner product on L2-normalised vectors = cosine) below
-``IndexConfig.exact_threshold`` vectors; above it an inverted-file index. FAISS runs the index on the GPU
-when the faiss-gpu build and CUDA are present, and says so in the log when it falls back to the CPU.
+``IndexConfig.exact_threshold`` vectors; above it an inverted-file index of the full vectors, and above
+``IndexConfig.compressed_threshold`` (2M) one of product-quantized codes (IVF-PQ, 72 bytes a vector instead of
+1 KB at 256-d, with the recall it costs measured at build time; ``bench/README.md`` has the scale table). FAISS
+runs the index on the GPU when the faiss-gpu build and CUDA are present, and says so in the log when it falls back
+to the CPU.
 """
 
 from __future__ import annotations
@@ -35,31 +38,58 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How FAISS indexes are built.
+    """How FAISS indexes are built: exact, then an inverted file of full vectors, then of compressed codes.
 
     exact_threshold: at or below this many vectors, exact search (``Flat``): perfect recall, cost linear in
         the collection (about 1 ms per 10k 256-d vectors on one core).
-    factory: the FAISS index-factory string used above the threshold; ``{nlist}`` is filled with
-        ``4 * sqrt(N)`` lists (at most N / 39). ``IVF{nlist},Flat`` keeps full vectors (high recall, memory = 4*D bytes per
-        vector); ``IVF{nlist},PQ32`` would trade recall for 8x less memory; ``HNSW32`` needs no training
-        but builds slowly on few cores.
-    nprobe: lists visited per query (higher: better recall, slower).
+    factory: the FAISS index-factory string from ``exact_threshold`` to ``compressed_threshold`` vectors;
+        ``{nlist}`` is filled with ``4 * sqrt(N)`` lists (at most N / 39), the low end of FAISS's guideline of 4 to
+        16 sqrt(N). ``IVF{nlist},Flat`` keeps full vectors: recall at nprobe 32 near exact's, memory 4 * D bytes
+        per vector plus 8 for its id (1.0 GB per million 256-d vectors; 1.25 GB resident with the rows, measured).
+    compressed_threshold: above this many vectors, ``compressed_factory`` instead of ``factory``. The default,
+        2,000,000, is where ``IVF,Flat`` stops being reasonable beside the model on a 16 GB machine: 2.5 GB resident
+        at search, ~6 GB at the peak of loading it (measured: 2.9 GB per million), more while building, and 10 GB
+        resident at 8M. LanceDB keeps the exact vectors either way.
+    compressed_factory: the factory string above ``compressed_threshold``; ``{nlist}`` as above and ``{m}`` the
+        product quantizer's sub-vectors: the largest divisor of D not above ``pq_bytes``. ``IVF{nlist},PQ{m}x8``
+        stores ``m`` bytes of code plus an 8-byte id per vector (72 MB per million at ``m`` 64, 14x less than
+        ``IVF,Flat`` at 256-d) and scores with the codes (asymmetric distances), so the true top 10 is found
+        less often: recall@10 vs exact is recorded at every build; the benchmark's synthetic vectors measured 0.58
+        at 1M, 0.96 / 0.997 if the top 50 / 100 were re-scored with their exact vectors, which clipdex does not do
+        yet (``bench/README.md``, *Scale*). Fewer bytes (``pq_bytes`` 32) halve the codes and lose recall;
+        ``OPQ{m},`` before ``IVF`` rotates the vectors to suit the quantizer (often better recall on real
+        embeddings, a D x D matrix more; not measured here). ``HNSW32`` was not chosen: its 64 base-level links
+        per vector (256 bytes) cost more memory than the codes it would search, its build is slow on few cores,
+        and it does not delete.
+    pq_bytes: the most code bytes per vector of ``compressed_factory``'s ``{m}``.
+    nprobe: lists visited per query (higher: better recall, slower; the lists grow as sqrt(N), so nprobe 32
+        scans about 32 * sqrt(N) / 4 vectors: 8k at 1M, 80k at 100M).
     recall_sample: queries (taken from the collection itself) used to measure recall@10 against exact.
     use_gpu: put the index on the GPU when faiss-gpu and CUDA are present.
     """
 
     exact_threshold: int = 50_000
     factory: str = "IVF{nlist},Flat"
+    compressed_threshold: int = 2_000_000
+    compressed_factory: str = "IVF{nlist},PQ{m}x8"
+    pq_bytes: int = 64
     nprobe: int = 32
     recall_sample: int = 500
     use_gpu: bool = True
 
-    def factory_for(self, n: int) -> str:
-        """The factory string for a table of ``n`` vectors."""
+    def factory_for(self, n: int, *, dim: int | None) -> str:
+        """The factory string for a table of ``n`` vectors of ``dim`` dimensions (``dim`` is read only above
+        ``compressed_threshold``, where it sets ``{m}``: None is enough below)."""
         if n <= self.exact_threshold:
             return "Flat"
         # 4 sqrt(N) lists, but at least 39 training points per list (FAISS's minimum for stable k-means)
-        return self.factory.format(nlist=max(1, min(int(4 * math.sqrt(n)), n // 39)))
+        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        if n <= self.compressed_threshold:
+            return self.factory.format(nlist=nlist)
+        if dim is None:
+            raise ValueError(f"factory_for({n}) needs the vectors' dimension above {self.compressed_threshold} vectors")
+        m = max(k for k in range(1, min(dim, self.pq_bytes) + 1) if dim % k == 0)
+        return self.compressed_factory.format(nlist=nlist, m=m)
 
 
 def build_faiss(vectors: np.ndarray, *, config: IndexConfig = IndexConfig(), seed: int = 0):
@@ -67,16 +97,25 @@ def build_faiss(vectors: np.ndarray, *, config: IndexConfig = IndexConfig(), see
     import faiss
 
     n, d = vectors.shape
-    factory = config.factory_for(n)
+    factory = config.factory_for(n, dim=d)
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+    try:  # polysemous training orders the codes for Hamming pre-filtering, which clipdex never asks for:
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # 10x the training
+    except (RuntimeError, AttributeError):  # not IVF, or IVF without a product quantizer
+        pass
     if not index.is_trained:
         try:
             lists = faiss.extract_index_ivf(index).nlist
         except RuntimeError:  # not an IVF index: FAISS subsamples on its own
             lists = n // 64
+        # 64 points per list: FAISS's k-means is stable from 39 and subsamples above 256 (2.56M vectors at 100M);
+        # a product quantizer's 256-centroid codebooks take up to 65,536 (FAISS's own cap), so at least that many
+        size = 64 * max(lists, 1)
+        if n > config.compressed_threshold:
+            size = max(size, 65_536)
         rng = np.random.default_rng(seed)
-        sample = vectors[np.sort(rng.choice(n, size=min(n, 64 * max(lists, 1)), replace=False))]
-        index.train(sample)  # 64 points per list: FAISS's k-means is stable from 39 and subsamples above 256
+        sample = vectors[np.sort(rng.choice(n, size=min(n, size), replace=False))]
+        index.train(sample)
     index.add(vectors)
     _set_nprobe(index, config.nprobe)
     return index, factory
@@ -355,6 +394,8 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
 
 def is_fresh(collection, table: str, sidecar: dict, *, config: IndexConfig = IndexConfig()) -> bool:
     """Whether an index built as ``sidecar`` says still covers the table exactly, built as ``config`` asks."""
+    rows = sidecar["rows"]  # the dimension only where it sets the factory (reading it costs ~0.5 ms a check)
+    dim = collection.encoder_info().embed_dim if rows > config.compressed_threshold else None
     return (sidecar.get("fingerprint") == collection.fingerprint(table)
-            and sidecar["rows"] == collection.count(table)
-            and sidecar["factory"] == config.factory_for(sidecar["rows"]))
+            and rows == collection.count(table)
+            and sidecar["factory"] == config.factory_for(rows, dim=dim))
