@@ -1,7 +1,8 @@
 """What buys back the recall IVF-PQ loses: more lists probed, and an exact re-rank of more candidates.
 
-Reads the collection and the compressed index ``bench/search_latency.py`` left in WORK/search-db (run it first with
-the same --size), the same held-out queries (same seed), and for each nprobe and re-rank depth R: recall@10 against
+Reads the collection and the IVF-PQ index (``IVF{nlist},PQ64x8``, the compressed default before IVF-SQ8)
+``bench/search_latency.py`` left in WORK/search-db (run it first with the same --size, from when its compressed kind
+was PQ), the same held-out queries (same seed), and for each nprobe and re-rank depth R: recall@10 against
 exact search and the p50 of the raw FAISS search for the R candidates. The re-rank scores the R candidates with their
 exact float32 vectors (here from memory); then it times reading 100 candidates' vectors from LanceDB by id, the
 read clipdex would need to re-rank today.
@@ -20,6 +21,28 @@ from pathlib import Path
 import numpy as np
 from common import set_threads
 from search_latency import mixture
+
+PQ_FACTORY = "IVF{nlist},PQ{m}x8"  # the index this script reads (pq_bytes 64: PQ64x8 at 256-d)
+
+
+def collection_name(*, size: int, centres: int, noise: float, seed: int) -> str:
+    """The name ``bench/search_latency.py`` gives its synthetic collection."""
+    return f"synth-{size}-d256-c{centres}-z{round(noise * 100)}-s{seed}"
+
+
+def held_out(*, col, centres: int, noise: float, seed: int, queries: int):
+    """(x, q, truth): the collection's vectors, search_latency's held-out queries (same seed) and their exact top 10."""
+    import faiss
+
+    x, _ = col.vectors("images", [])
+    d = x.shape[1]
+    c = np.random.default_rng([seed, 0]).standard_normal((centres, d), dtype=np.float32)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    q = mixture(centres=c, count=queries, noise=noise, rng=np.random.default_rng([seed, 2]))
+    exact = faiss.IndexFlatIP(d)
+    exact.add(x)
+    _, truth = exact.search(q, 10)
+    return x, q, truth
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,21 +66,12 @@ def main(argv: list[str] | None = None) -> int:
 
     set_threads(args.threads)
     col = Database(Path(args.work) / "search-db").open(
-        f"synth-{args.size}-d256-c{args.centres}-z{round(args.noise * 100)}-s{args.seed}")
+        collection_name(size=args.size, centres=args.centres, noise=args.noise, seed=args.seed))
     nlist = max(1, min(int(4 * math.sqrt(args.size)), args.size // 39))
     config = IndexConfig(exact_threshold=0, compressed_threshold=0,
-                         compressed_factory=IndexConfig.compressed_factory.replace("{nlist}", str(nlist)),
-                         use_gpu=False)
+                         compressed_factory=PQ_FACTORY.replace("{nlist}", str(nlist)), use_gpu=False)
     loaded = load_for(col, "images", config=config, rebuild_stale=False)  # the index search_latency persisted
-    x, _ = col.vectors("images", [])
-    d = x.shape[1]
-    centres = np.random.default_rng([args.seed, 0]).standard_normal((args.centres, d), dtype=np.float32)
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    q = mixture(centres=centres, count=args.queries, noise=args.noise, rng=np.random.default_rng([args.seed, 2]))
-    exact = faiss.IndexFlatIP(d)
-    exact.add(x)
-    _, truth = exact.search(q, 10)
-    del exact
+    x, q, truth = held_out(col=col, centres=args.centres, noise=args.noise, seed=args.seed, queries=args.queries)
     ivf = faiss.extract_index_ivf(loaded.index)
     print(f"{loaded.sidecar['factory']} over {len(x):,} vectors, {args.queries} held-out queries, FAISS threads "
           f"{faiss.omp_get_max_threads()}")

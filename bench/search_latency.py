@@ -1,5 +1,5 @@
 """Search latency, recall and index memory at 10k / 100k / 1M vectors, exact (Flat) and approximate (IVF), and the
-compressed index (IVF-PQ) the defaults choose above 2M vectors, forced at 1M.
+compressed index (IVF-SQ8) the defaults choose above 2M vectors, forced at 1M.
 
 Vectors are synthetic: a seeded mixture of --centres gaussian clusters in the default model's space (256-d),
 L2-normalised, written into a real LanceDB collection (ids v{i}, paths /synthetic/{i}.jpg). For each size
@@ -7,7 +7,8 @@ and index kind: build seconds (clipdex ``build_for``), RSS growth while loading 
 text->image latency with the default encoder in-process, raw FAISS ``index.search`` latency on one query
 vector, clipdex ``search_vector`` latency on the same vectors (overhead = clipdex / raw, target <= 1.2) and
 recall@10 of IVF against exact search. At the sizes in --compressed-sizes (1M) it also measures "compressed":
-``IndexConfig.compressed_factory`` (``IVF{nlist},PQ{m}x8``, m = 64 at 256-d), forced by setting
+``IndexConfig.compressed_factory`` (``IVF{nlist},SQ8``; ``IVF{nlist},PQ{m}x8`` with m = 64 at 256-d when
+``search_latency-pq.json`` was measured), forced by setting
 ``compressed_threshold`` to 0: the index the defaults build at 10M and 100M, checked at 1M with the same compression.
 
     .venv/bin/python bench/search_latency.py                 # 10k, 100k, 1M; PQ at 1M (~9 min on 2 idle cores, estimated)

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--flush-rows", type=int_at_least(1), default=4096, metavar="N",
                    help="images written to LanceDB per append (larger: fewer table fragments)")
     g.add_argument("--exact-threshold", type=int_at_least(0), default=50_000, metavar="N",
-                   help="exact FAISS search up to this many vectors, an IVF index above (IVF-PQ past 2M vectors)")
+                   help="exact FAISS search up to this many vectors, an IVF index above (IVF-SQ8 past 2M vectors)")
     g.add_argument("--no-faiss", action="store_true", help="skip building FAISS indexes (search builds them)")
     r = p.add_argument_group("ray engine (pip install \"clipdex[ray]\")")
     r.add_argument("--engine", default="local", choices=["local", "ray"],

@@ -10,8 +10,8 @@ LanceDB with a warning. On a read-only database the rebuilt index is kept in mem
 
 Exact search (``Flat``, inner product on L2-normalised vectors = cosine) below
 ``IndexConfig.exact_threshold`` vectors; above it an inverted-file index of the full vectors, and above
-``IndexConfig.compressed_threshold`` (2M) one of product-quantized codes (IVF-PQ, 72 bytes a vector instead of
-1 KB at 256-d, with the recall it costs measured at build time; ``bench/README.md`` has the scale table). FAISS
+``IndexConfig.compressed_threshold`` (2M) one of 8-bit scalar-quantized codes (IVF-SQ8, 264 bytes a vector instead
+of ~1 KB at 256-d, with the recall it costs measured at build time; ``bench/README.md`` has the scale table). FAISS
 runs the index on the GPU when the faiss-gpu build and CUDA are present, and says so in the log when it falls back
 to the CPU.
 """
@@ -50,18 +50,22 @@ class IndexConfig:
         2,000,000, is where ``IVF,Flat`` stops being reasonable beside the model on a 16 GB machine: 2.5 GB resident
         at search, ~6 GB at the peak of loading it (measured: 2.9 GB per million), more while building, and 10 GB
         resident at 8M. LanceDB keeps the exact vectors either way.
-    compressed_factory: the factory string above ``compressed_threshold``; ``{nlist}`` as above and ``{m}`` the
-        product quantizer's sub-vectors: the largest divisor of D not above ``pq_bytes``. ``IVF{nlist},PQ{m}x8``
-        stores ``m`` bytes of code plus an 8-byte id per vector (72 MB per million at ``m`` 64, 14x less than
-        ``IVF,Flat`` at 256-d) and scores with the codes (asymmetric distances), so the true top 10 is found
-        less often: recall@10 vs exact is recorded at every build; the benchmark's synthetic vectors measured 0.58
-        at 1M, 0.96 / 0.997 if the top 50 / 100 were re-scored with their exact vectors, which clipdex does not do
-        yet (``bench/README.md``, *Scale*). Fewer bytes (``pq_bytes`` 32) halve the codes and lose recall;
-        ``OPQ{m},`` before ``IVF`` rotates the vectors to suit the quantizer (often better recall on real
-        embeddings, a D x D matrix more; not measured here). ``HNSW32`` was not chosen: its 64 base-level links
-        per vector (256 bytes) cost more memory than the codes it would search, its build is slow on few cores,
-        and it does not delete.
-    pq_bytes: the most code bytes per vector of ``compressed_factory``'s ``{m}``.
+    compressed_factory: the factory string above ``compressed_threshold``; ``{nlist}`` as above and, for a
+        product-quantizer factory such as ``IVF{nlist},PQ{m}x8``, ``{m}`` its sub-vectors: the largest divisor of
+        D not above ``pq_bytes``. The default, ``IVF{nlist},SQ8``, stores each component in one byte (D bytes of
+        code plus an 8-byte id per vector: 264 MB per million at 256-d, ~4x less than ``IVF,Flat``) and scores with
+        the codes, so the true top 10 is found a little less often: recall@10 vs exact is recorded at every build.
+        Measured on the benchmark's 1M synthetic 256-d vectors (nlist 4000, nprobe 32, 200 held-out queries,
+        trained on 256k vectors with 2 threads; ``bench/compressed_recall.py``, ``bench/README.md``, *Scale*):
+        ``IVF,SQ8`` recall@10 0.979, 268 B a vector in the index file, training 54 s;
+        ``IVF,PQ128x8`` 0.869, 140 B, training 299 s; ``IVF,PQ64x8`` 0.579, 73 B, 157 s to build.
+        SQ8 is the default because recall comes first; a PQ factory is the opt-in for memory (set
+        ``compressed_factory``, and ``pq_bytes`` for its ``{m}``), at the recall above unless candidates are
+        re-scored with their exact vectors, which clipdex does not do yet. ``OPQ{m},`` before ``IVF`` rotates the
+        vectors to suit a product quantizer (not measured here). ``HNSW32`` was not chosen: its 64 base-level links
+        per vector (256 bytes) cost as much memory as the SQ8 codes it would search, its build is slow on few
+        cores, and it does not delete.
+    pq_bytes: the most code bytes per vector of ``compressed_factory``'s ``{m}`` (unused by the default SQ8).
     nprobe: lists visited per query (higher: better recall, slower; the lists grow as sqrt(N), so nprobe 32
         scans about 32 * sqrt(N) / 4 vectors: 8k at 1M, 80k at 100M).
     recall_sample: queries (taken from the collection itself) used to measure recall@10 against exact.
@@ -71,7 +75,7 @@ class IndexConfig:
     exact_threshold: int = 50_000
     factory: str = "IVF{nlist},Flat"
     compressed_threshold: int = 2_000_000
-    compressed_factory: str = "IVF{nlist},PQ{m}x8"
+    compressed_factory: str = "IVF{nlist},SQ8"
     pq_bytes: int = 64
     nprobe: int = 32
     recall_sample: int = 500
@@ -79,17 +83,25 @@ class IndexConfig:
 
     def factory_for(self, n: int, *, dim: int | None) -> str:
         """The factory string for a table of ``n`` vectors of ``dim`` dimensions (``dim`` is read only above
-        ``compressed_threshold``, where it sets ``{m}``: None is enough below)."""
+        ``compressed_threshold`` and only by a factory with ``{m}``: None is enough otherwise)."""
         if n <= self.exact_threshold:
             return "Flat"
         # 4 sqrt(N) lists, but at least 39 training points per list (FAISS's minimum for stable k-means)
         nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
         if n <= self.compressed_threshold:
             return self.factory.format(nlist=nlist)
+        if not self.needs_dim:
+            return self.compressed_factory.format(nlist=nlist)
         if dim is None:
-            raise ValueError(f"factory_for({n}) needs the vectors' dimension above {self.compressed_threshold} vectors")
+            raise ValueError(f"factory_for({n}) needs the vectors' dimension above {self.compressed_threshold} vectors "
+                             f"(for {self.compressed_factory}'s {{m}})")
         m = max(k for k in range(1, min(dim, self.pq_bytes) + 1) if dim % k == 0)
         return self.compressed_factory.format(nlist=nlist, m=m)
+
+    @property
+    def needs_dim(self) -> bool:
+        """Whether ``compressed_factory`` has a ``{m}`` (a product quantizer's), which the dimension sets."""
+        return "{m}" in self.compressed_factory
 
 
 def build_faiss(vectors: np.ndarray, *, config: IndexConfig = IndexConfig(), seed: int = 0):
@@ -99,17 +111,20 @@ def build_faiss(vectors: np.ndarray, *, config: IndexConfig = IndexConfig(), see
     n, d = vectors.shape
     factory = config.factory_for(n, dim=d)
     index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-    try:  # polysemous training orders the codes for Hamming pre-filtering, which clipdex never asks for:
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False  # 10x the training
-    except (RuntimeError, AttributeError):  # not IVF, or IVF without a product quantizer
-        pass
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    except RuntimeError:  # not IVF
+        ivf = None
+    if isinstance(ivf, faiss.IndexIVFPQ):  # an opt-in PQ factory; polysemous training orders the codes for
+        ivf.do_polysemous_training = False  # Hamming pre-filtering, which clipdex never asks for: 10x the training
     if not index.is_trained:
         try:
             lists = faiss.extract_index_ivf(index).nlist
         except RuntimeError:  # not an IVF index: FAISS subsamples on its own
             lists = n // 64
         # 64 points per list: FAISS's k-means is stable from 39 and subsamples above 256 (2.56M vectors at 100M);
-        # a product quantizer's 256-centroid codebooks take up to 65,536 (FAISS's own cap), so at least that many
+        # a product quantizer's 256-centroid codebooks (an opt-in PQ factory) take up to 65,536 (FAISS's own cap),
+        # so at least that many above the threshold (the default SQ8 trains only each component's range)
         size = 64 * max(lists, 1)
         if n > config.compressed_threshold:
             size = max(size, 65_536)
@@ -395,7 +410,7 @@ def load_for(collection, table: str, *, config: IndexConfig = IndexConfig(), reb
 def is_fresh(collection, table: str, sidecar: dict, *, config: IndexConfig = IndexConfig()) -> bool:
     """Whether an index built as ``sidecar`` says still covers the table exactly, built as ``config`` asks."""
     rows = sidecar["rows"]  # the dimension only where it sets the factory (reading it costs ~0.5 ms a check)
-    dim = collection.encoder_info().embed_dim if rows > config.compressed_threshold else None
+    dim = collection.encoder_info().embed_dim if rows > config.compressed_threshold and config.needs_dim else None
     return (sidecar.get("fingerprint") == collection.fingerprint(table)
             and rows == collection.count(table)
             and sidecar["factory"] == config.factory_for(rows, dim=dim))
