@@ -39,30 +39,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import captions, pct  # noqa: E402
 
+from clipdex.data_manifests.world.photos import photo_like  # noqa: E402
+
 MODEL = "ViT-B-32:random"
 FULL = dict(images=50_000, unique=4000, batch=1024, model_batch=1024, model_iters=40, texts=200_000,
             text_batch=4096, vectors=1_000_000, queries=500, caps=dict(data=60, index=120, index_cpu=45, model=60,
                                                                       text=60, search=60))
 QUICK = dict(images=48, unique=16, batch=16, model_batch=8, model_iters=2, texts=256, text_batch=128,
              vectors=20_000, queries=30, caps=dict(data=60, index=120, index_cpu=60, model=60, text=60, search=30))
-
-
-def photo_like(seed: int, width: int = 640, height: int = 480):
-    """A seeded picture with what photos have and noise lacks: smooth gradients, shapes with edges, blur, grain."""
-    from PIL import Image, ImageDraw, ImageFilter
-
-    r = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack([np.sin(x * r.uniform(2, 9) + y * r.uniform(-4, 4) + r.uniform(0, 6)) * 0.5 + 0.5
-                     for _ in range(3)], -1)
-    base = base * r.uniform(0.4, 1.0, 3) + r.normal(0, 0.04, (height, width, 3))
-    im = Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    for _ in range(12):
-        x0, y0 = int(r.integers(0, width)), int(r.integers(0, height))
-        draw.ellipse([x0, y0, x0 + int(r.integers(5, width // 2)), y0 + int(r.integers(5, height // 2))],
-                     fill=tuple(int(v) for v in r.integers(0, 255, 3)))
-    return im.filter(ImageFilter.GaussianBlur(1))
 
 
 def _write_jpeg(args: tuple[int, str]) -> int:

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 
+from clipdex.data_manifests.world.photos import photo_like
 from clipdex.exceptions import ClipdexError
 from clipdex.indexer import device_decode
 from clipdex.indexer.decode import DecodeItems, collate
@@ -20,22 +21,6 @@ from clipdex.indexer.device_decode import DevicePreprocess, device_decoder_for, 
 from clipdex.indexer.reader import SourceItem
 
 MAX_PIXELS = 100_000_000
-
-
-def photo_like(seed: int, width: int, height: int) -> Image.Image:
-    """A seeded picture with what photos have and noise lacks: smooth gradients, edges, blur and a little grain."""
-    r = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    base = np.stack([np.sin(x * r.uniform(2, 9) + y * r.uniform(-4, 4) + r.uniform(0, 6)) * 0.5 + 0.5
-                     for _ in range(3)], -1)
-    base = base * r.uniform(0.4, 1.0, 3) + r.normal(0, 0.04, (height, width, 3))
-    im = Image.fromarray((np.clip(base, 0, 1) * 255).astype(np.uint8))
-    draw = ImageDraw.Draw(im)
-    for _ in range(12):
-        x0, y0 = int(r.integers(0, width)), int(r.integers(0, height))
-        draw.ellipse([x0, y0, x0 + int(r.integers(5, width // 2 + 6)), y0 + int(r.integers(5, height // 2 + 6))],
-                     fill=tuple(int(v) for v in r.integers(0, 255, 3)))
-    return im.filter(ImageFilter.GaussianBlur(1))
 
 
 def _items(paths) -> list[SourceItem]:
@@ -66,7 +51,7 @@ def jpegs(tiny_world, tmp_path_factory) -> list[Path]:
         shutil.copy(p, out[-1])
     for i, (w, h) in enumerate([(640, 480), (333, 517), (97, 211), (1001, 67), (64, 64), (300, 200), (225, 224)]):
         out.append(root / f"photo-{i}.jpg")
-        photo_like(i, w, h).save(out[-1], quality=90)
+        photo_like(i, width=w, height=h).save(out[-1], quality=90)
     return out
 
 
@@ -118,7 +103,7 @@ def test_vit_b32_preprocessing_matches_open_clip(jpegs):
 
 def test_exif_rotated_jpeg_turns_as_the_cpu_path(shipped_encoder, tmp_path):
     enc = shipped_encoder
-    stored = photo_like(7, 120, 60)  # wide as stored; orientations 5-8 show it tall
+    stored = photo_like(7, width=120, height=60)  # wide as stored; orientations 5-8 show it tall
     paths = []
     for o in (3, 6, 8):
         exif = Image.Exif()
@@ -139,7 +124,7 @@ def test_exif_rotated_jpeg_turns_as_the_cpu_path(shipped_encoder, tmp_path):
 
 def _bad_and_other_files(root: Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
-    good = photo_like(3, 90, 70)
+    good = photo_like(3, width=90, height=70)
     files = {name: root / name for name in ("photo.png", "cmyk.jpg", "truncated.jpg", "text.jpg", "bomb.jpg",
                                              "progressive.jpg", "grey.jpg", "good.jpg")}
     good.save(files["photo.png"])
@@ -188,7 +173,7 @@ def test_a_jpeg_the_device_refuses_is_decoded_on_the_cpu(shipped_encoder, tmp_pa
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"p{i}.jpg")
-        photo_like(20 + i, 80 + 10 * i, 64).save(paths[-1], quality=90)
+        photo_like(20 + i, width=80 + 10 * i, height=64).save(paths[-1], quality=90)
     refused = paths[1].read_bytes()
     real = torchvision.io.decode_jpeg
 
@@ -217,7 +202,7 @@ def test_decode_choice_and_a_clear_error_without_torchvision(monkeypatch, tmp_pa
     from clipdex.indexer.runner import IndexSettings, run_index
 
     (tmp_path / "src").mkdir()
-    photo_like(1, 32, 32).save(tmp_path / "src" / "a.jpg")
+    photo_like(1, width=32, height=32).save(tmp_path / "src" / "a.jpg")
     with pytest.raises(ClipdexError, match="torchvision"):
         run_index(IndexSettings(source=str(tmp_path / "src"), db=str(tmp_path / "db"), decode="device"),
                   progress=False)
@@ -242,7 +227,7 @@ def test_index_with_decode_device_matches_the_default(tiny_world, tmp_path):
     _bad_and_other_files(root / "mixed")
     exif = Image.Exif()
     exif[0x0112] = 6
-    photo_like(9, 96, 48).save(root / "rotated.jpg", exif=exif.tobytes())
+    photo_like(9, width=96, height=48).save(root / "rotated.jpg", exif=exif.tobytes())
     default = run_index(IndexSettings(source=str(root), db=str(tmp_path / "db-cpu"), workers=1, batch_size=8,
                                       runtime="torch"), progress=False)
     device = json.loads(run_cli("index", str(root), "--db", str(tmp_path / "db-dev"), "--workers", "1",
