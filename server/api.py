@@ -16,8 +16,6 @@ the body (counted as it arrives, whatever Content-Length says) before any route 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import io
 import json
@@ -26,7 +24,6 @@ import os
 from contextlib import asynccontextmanager
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Literal
 from urllib.parse import quote
 
 import numpy as np
@@ -34,13 +31,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
 
 from clipdex.app.inputs import InputError, check_collection_name, check_index_folder, decode_checked, inside
 from clipdex.app.jobs import JobRunningError
 from clipdex.exceptions import ClipdexError, CorruptStoreError, ModelMismatchError
+from clipdex.server.bodies import AskRequest, IndexRequest, SearchRequest, TooLarge, body_doc, read_body
 from clipdex.server.state import NotFound, ServerState
 
 logger = logging.getLogger(__name__)
@@ -52,10 +49,6 @@ THUMB_SIZES = (16, 1024)  # ?size= bounds, pixels on the longer side
 
 class Forbidden(ClipdexError):
     """A folder or file outside the roots this server may read (HTTP 403)."""
-
-
-class TooLarge(ClipdexError):
-    """A body or upload over the limit (HTTP 413)."""
 
 
 def error_status(e: Exception) -> int:
@@ -125,49 +118,6 @@ class Guard:
         return await self.app(scope, bounded_receive, send)
 
 
-# ---- request bodies --------------------------------------------------------------------------------------
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SearchRequest(_Body):
-    """A search: exactly one of ``text``, ``image`` (base64, or a multipart file field), ``image_id`` (an image
-    of the collection) or ``vector``; ``target`` images (default) or captions (image and vector queries)."""
-
-    collection: str | None = Field(None, description="default: the only collection served, else 'default'")
-    text: str | None = Field(None, max_length=2000)
-    image: str | None = Field(None, description="base64 of an image file (JSON); a file field (multipart)")
-    image_id: str | None = Field(None, max_length=4096)
-    vector: list[float] | None = Field(None, max_length=8192, description="an L2-normalised embedding")
-    target: Literal["images", "captions"] = "images"
-    k: int = Field(10, ge=1)
-    min_score: float | None = None
-    where: str | None = Field(None, max_length=2000, description="a filter as in clipdex search --where")
-    path: str | None = Field(None, max_length=2000, description="a glob on image paths, as in --path")
-    rerank: int | None = Field(None, ge=0, description="text queries: re-rank the top K (0: off)")
-
-
-class AskRequest(_Body):
-    """A question about an image (``image`` base64 or file field, or ``image_id``), or about the collection."""
-
-    collection: str | None = None
-    question: str | None = Field(None, max_length=1000)
-    image: str | None = None
-    image_id: str | None = Field(None, max_length=4096)
-    k: int = Field(5, ge=0, le=50)
-    beams: int = Field(1, ge=1, le=8)
-    max_new_tokens: int = Field(32, ge=1, le=128)
-
-
-class IndexRequest(_Body):
-    """Index a folder (under the server's index roots) into a collection."""
-
-    folder: str = Field(..., max_length=4096)
-    collection: str | None = None
-    model: str | None = Field(None, max_length=500, description="a new collection's model (default: the server's)")
-
-
 def _field_errors(e: ValidationError | RequestValidationError) -> JSONResponse:
     fields = []
     for err in e.errors():
@@ -175,56 +125,6 @@ def _field_errors(e: ValidationError | RequestValidationError) -> JSONResponse:
         fields.append({"field": ".".join(loc) or "body", "problem": err.get("msg", "invalid")})
     named = "; ".join(f"{f['field']}: {f['problem']}" for f in fields)
     return error_response(400, f"bad request: {named}", fields=fields)
-
-
-async def read_body(request: Request, model: type[_Body], *, max_upload: int) -> tuple[_Body, bytes | None]:
-    """The request's fields as ``model`` (JSON of any content type, as clip-retrieval's clients send it, or a
-    multipart form) and the image bytes it carries (None when none)."""
-    ctype = request.headers.get("content-type", "")
-    upload = None
-    if ctype.startswith("multipart/form-data"):
-        form = await request.form(max_files=1, max_fields=32, max_part_size=max_upload + 1)
-        data = {}
-        for key, value in form.multi_items():
-            if isinstance(value, UploadFile):
-                if key != "image":
-                    raise InputError(f"file field {key!r}: send the image as the field 'image'")
-                upload = await value.read(max_upload + 1)
-            elif value != "":
-                data[key] = value
-    else:
-        data = json_object(await request.body())
-    body = model.model_validate(data)
-    if getattr(body, "image", None) is not None:
-        if upload is not None:
-            raise InputError("image: give the image once (a file field or base64, not both)")
-        upload = decode_base64(body.image, field="image", max_bytes=max_upload)
-    if upload is not None and len(upload) > max_upload:
-        raise TooLarge(f"image: the upload is over {max_upload / 2**20:.0f} MB")
-    return body, upload
-
-
-def json_object(raw: bytes) -> dict:
-    """A request body as a JSON object (empty: ``{}``), whatever its Content-Type said; InputError otherwise."""
-    try:
-        data = json.loads(raw) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"the body is not JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise InputError("the body must be a JSON object")
-    return data
-
-
-def decode_base64(text: str, *, field: str, max_bytes: int) -> bytes:
-    """Base64 (standard or URL-safe, with or without a ``data:...;base64,`` prefix) -> bytes, bounded."""
-    if text.startswith("data:"):
-        text = text.partition(",")[2]
-    if len(text) > max_bytes * 4 // 3 + 8:
-        raise TooLarge(f"{field}: the upload is over {max_bytes / 2**20:.0f} MB")
-    try:
-        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InputError(f"{field}: not base64 ({e})") from e
 
 
 # ---- the application -----------------------------------------------------------------------------------
@@ -324,7 +224,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"collections": out}
 
     @app.post("/search", summary="text->image, image->image, image->text or vector search",
-              openapi_extra=_body_doc(SearchRequest))
+              openapi_extra=body_doc(SearchRequest))
     async def search(request: Request) -> Response:
         body, upload = await read_body(request, SearchRequest, max_upload=settings.max_upload_bytes)
         _check_search(body, upload)
@@ -423,7 +323,7 @@ def create_app(state: ServerState) -> FastAPI:
         return Response(data, media_type="image/png", headers=headers)
 
     @app.post("/ask", summary="answer a question about an image from the collection, with the evidence",
-              openapi_extra=_body_doc(AskRequest))
+              openapi_extra=body_doc(AskRequest))
     async def ask(request: Request) -> dict:
         body, upload = await read_body(request, AskRequest, max_upload=settings.max_upload_bytes)
         return await run_in_threadpool(_ask, request, body, upload)
@@ -450,7 +350,7 @@ def create_app(state: ServerState) -> FastAPI:
         return out
 
     @app.post("/index", status_code=202, summary="index a folder under the server's index roots (returns a job)",
-              openapi_extra=_body_doc(IndexRequest, multipart=False))
+              openapi_extra=body_doc(IndexRequest, multipart=False))
     async def index(request: Request) -> dict:
         body, _ = await read_body(request, IndexRequest, max_upload=0)
         return await run_in_threadpool(_index, request, body)
@@ -490,16 +390,6 @@ def create_app(state: ServerState) -> FastAPI:
                            allow_headers=["Authorization", "Content-Type"])
     app.add_middleware(Guard, token=settings.token, max_body=settings.max_body_bytes)
     return app
-
-
-def _body_doc(model: type[BaseModel], *, multipart: bool = True) -> dict:
-    """OpenAPI for a route that reads its body itself: the JSON schema, and the same fields as a form."""
-    schema = model.model_json_schema()
-    content = {"application/json": {"schema": schema}}
-    if multipart:
-        form = dict(schema, properties={**schema["properties"], "image": {"type": "string", "format": "binary"}})
-        content["multipart/form-data"] = {"schema": form}
-    return {"requestBody": {"required": True, "content": content}}
 
 
 def _mime(data: bytes) -> str:

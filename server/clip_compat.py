@@ -67,7 +67,7 @@ def _int(data: dict, key: str, default: int, *, low: int, high: int) -> int:
 def router(state: ServerState, *, image_url: Callable, collection_name: Callable) -> APIRouter:
     """The three clip-retrieval routes over ``state``; ``image_url(base_url, collection, id)`` makes the
     ``url`` of a result and ``collection_name`` resolves an ``indice_name`` (None: the default)."""
-    from clipdex.server.api import decode_base64, json_object
+    from clipdex.server.bodies import decode_base64, json_object
 
     settings = state.settings
     api = APIRouter(tags=["clip-retrieval"])
