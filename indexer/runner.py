@@ -46,7 +46,8 @@ class IndexSettings:
     batch_size: images per encoder batch. workers: decoding processes (None: cores - 1).
     decode: where JPEGs are decoded: ``cpu`` (the workers, with PIL), ``device`` (batches on the encoder's device,
         nvJPEG on CUDA: :mod:`clipdex.indexer.device_decode`; other formats and refused JPEGs stay on the CPU) or
-        ``auto`` (device when the encoder runs on CUDA, else cpu: a CPU run decodes as it always did).
+        ``auto`` (device when the encoder runs on CUDA, else cpu). The default is ``cpu`` until the device path has been
+        measured on a GPU (it is tested on the CPU only).
     flush_rows: images per LanceDB commit (large appends, few fragments); flush_seconds: commit at least this
         often too, so a failure late in a long run loses at most this much work.
     lock_wait: seconds to wait for another writer of the collection to finish (0: refuse at once).
@@ -71,7 +72,7 @@ class IndexSettings:
     split: str | None = None
     batch_size: int = 256
     workers: int | None = None
-    decode: str = "auto"  # auto, cpu or device (see clipdex.indexer.device_decode)
+    decode: str = "cpu"  # cpu, device or auto (see clipdex.indexer.device_decode); cpu until a GPU run measures device
     device: str = "auto"
     precision: str = "auto"
     runtime: str = "auto"  # torch, onnx or auto (see retrieval.models.encoder.DualEncoder)

@@ -46,10 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("performance")
     g.add_argument("--batch-size", type=int_at_least(1), default=256, metavar="N", help="images per encoder batch")
     g.add_argument("--workers", type=int_at_least(0), default=None, metavar="N", help=WORKERS_HELP)
-    g.add_argument("--decode", default="auto", choices=["auto", "cpu", "device"],
-                   help="where JPEGs are decoded: cpu (the decoding workers), device (in batches on the model's "
-                   "device: nvJPEG on a GPU, resized and normalised there; other formats stay on the CPU) or auto "
-                   "(device when the model runs on CUDA, else cpu)")
+    g.add_argument("--decode", default="cpu", choices=["auto", "cpu", "device"],
+                   help="where JPEGs are decoded: cpu (the decoding workers; the default), device (in batches on the "
+                   "model's device: nvJPEG on a GPU, resized and normalised there; other formats stay on the CPU) or "
+                   "auto (device when the model runs on CUDA, else cpu). The device path is tested on the CPU but not "
+                   "yet measured on a GPU, hence not the default")
     g.add_argument("--device", default="auto", help=DEVICE_HELP)
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"], help=PRECISION_HELP)
     g.add_argument("--runtime", default="auto", choices=RUNTIMES, help=RUNTIME_HELP)
