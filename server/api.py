@@ -230,9 +230,11 @@ def create_app(state: ServerState) -> FastAPI:
         _check_search(body, upload)
         name = collection_name(body.collection)
         loaded = state.fresh_collection(name)
-        if body.text is not None and loaded is not None and not loaded.search.rerank_info(body.rerank).used:
+        plain = body.text is not None and not (body.where or body.path)
+        if plain and loaded is not None and not loaded.search.rerank_info(body.rerank).used:
             # the plain text search, the common case: the batcher's worker embeds the text with the other
             # queries waiting, searches FAISS and writes the JSON; this request needs no thread of its own
+            # (a filtered one goes through LanceDB first, too slow to hold the worker up: a thread's)
             loaded.search.check_text(body.text)
             base = str(request.base_url)
             finish = partial(_text_results, base, loaded, body)
@@ -256,9 +258,7 @@ def create_app(state: ServerState) -> FastAPI:
     def _text_results(base: str, loaded, body: SearchRequest, vector: np.ndarray) -> bytes:
         """The JSON of a plain text search, given the query's embedding (run by the batcher's worker)."""
         with state.store_lock:
-            hits = loaded.search.search_vector(vector, table="images", k=body.k, min_score=body.min_score,
-                                               where=body.where, path_glob=body.path)
-
+            hits = loaded.search.search_vector(vector, table="images", k=body.k, min_score=body.min_score)
         return json_bytes(_results(base, loaded.name, hits, query=body.text, kind="text->image",
                                    rerank=loaded.search.rerank_info(body.rerank)))
 
