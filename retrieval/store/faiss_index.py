@@ -118,10 +118,7 @@ def build_faiss(vectors: np.ndarray, *, config: IndexConfig = IndexConfig(), see
     if isinstance(ivf, faiss.IndexIVFPQ):  # an opt-in PQ factory; polysemous training orders the codes for
         ivf.do_polysemous_training = False  # Hamming pre-filtering, which clipdex never asks for: 10x the training
     if not index.is_trained:
-        try:
-            lists = faiss.extract_index_ivf(index).nlist
-        except RuntimeError:  # not an IVF index: FAISS subsamples on its own
-            lists = n // 64
+        lists = ivf.nlist if ivf is not None else n // 64  # not an IVF index: FAISS subsamples on its own
         # 64 points per list: FAISS's k-means is stable from 39 and subsamples above 256 (2.56M vectors at 100M);
         # a product quantizer's 256-centroid codebooks (an opt-in PQ factory) take up to 65,536 (FAISS's own cap),
         # so at least that many above the threshold (the default SQ8 trains only each component's range)
